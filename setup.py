@@ -1,0 +1,35 @@
+"""atdiff_jax: adversarial training of diffusion and consistency models in JAX/Flax."""
+from setuptools import find_packages, setup
+
+# Minimum versions are the ones the test suite was run with.
+INSTALL_REQUIRES = [
+    "numpy>=2.0",
+    "jax>=0.10.2",
+    "flax>=0.12.8",
+    "optax>=0.2.8",
+    "orbax-checkpoint>=0.12.8",
+    "ml-collections>=1.1.0",
+    "clu>=0.0.12",
+    "absl-py>=2.1",
+    "pillow>=10.0",
+]
+
+EXTRAS = {
+    "test": ["pytest>=9.0", "pytest-xdist>=3.8"],
+    # Reading PyTorch checkpoints (.pt) of guided-diffusion / AT_Diff.
+    "convert": ["torch>=2.13.0"],
+}
+
+setup(
+    name="atdiff_jax",
+    version="0.1.0",
+    description=("Adversarial training of the noisy input for diffusion and consistency "
+                 "models (Wang et al., ICLR 2025) in JAX/Flax"),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["atdiff_jax", "atdiff_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+    entry_points={"console_scripts": []},
+)

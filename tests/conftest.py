@@ -1,0 +1,66 @@
+"""Shared test fixtures: reference vectors and the converted reference UNet (compiled once)."""
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+# float32 everywhere; on TPU the reference tolerances need full-precision matmuls.
+jax.config.update("jax_default_matmul_precision", "highest")
+
+TESTDATA = pathlib.Path(__file__).parent / "testdata"
+ADM_REF = TESTDATA / "adm_reference"
+
+
+@functools.lru_cache(maxsize=None)
+def load_ref(name: str) -> dict[str, np.ndarray]:
+    """All arrays of ``tests/testdata/adm_reference/<name>.npz`` as a dict."""
+    with np.load(ADM_REF / f"{name}.npz") as f:
+        return {k: f[k] for k in f.files}
+
+
+@functools.lru_cache(maxsize=None)
+def ref_manifest() -> dict:
+    return json.loads((ADM_REF / "manifest.json").read_text())
+
+
+def ref_state_dict(npz: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """guided-diffusion state dict (torch names and layouts) from ``param/<key>`` arrays."""
+    npz = load_ref("model_init") if npz is None else npz
+    return {k[len("param/"):]: v for k, v in npz.items() if k.startswith("param/")}
+
+
+def nchw_to_nhwc(x):
+    return np.moveaxis(np.asarray(x), -3, -1)
+
+
+def nhwc_to_nchw(x):
+    return np.moveaxis(np.asarray(x), -1, -3)
+
+
+def ref_create_model_kwargs() -> dict:
+    """The exact ``create_model`` keyword arguments the reference vectors were made with."""
+    args = ref_manifest()["model_and_diffusion_args"]
+    keys = ("image_size", "num_channels", "num_res_blocks", "channel_mult", "learn_sigma",
+            "class_cond", "use_checkpoint", "attention_resolutions", "num_heads",
+            "num_head_channels", "num_heads_upsample", "use_scale_shift_norm", "dropout",
+            "resblock_updown", "use_fp16", "use_new_attention_order")
+    return {k: args[k] for k in keys}
+
+
+@pytest.fixture(scope="session")
+def ref_unet():
+    """(module, params) of the reference UNet (config A) built through the converter."""
+    from atdiff_jax.convert.guided_diffusion import unet_from_state_dict
+    return unet_from_state_dict(ref_state_dict(), **ref_create_model_kwargs())
+
+
+@pytest.fixture(scope="session")
+def ref_model_fn(ref_unet):
+    """Jitted eval-mode ``model_fn(x_nhwc, t) -> out_nhwc`` of the reference UNet."""
+    module, params = ref_unet
+    return jax.jit(lambda x, t: module.apply({"params": params}, x, t, train=False))
