@@ -357,6 +357,88 @@ class GaussianDiffusion:
         terms["loss"] = terms["mse"] + terms["vb"] if "vb" in terms else terms["mse"]
         return terms
 
+    # ------------------------------------------------------------------ sampling
+    def p_sample(self, model_fn: ModelFn, x: jax.Array, t: jax.Array, noise: jax.Array, *,
+                 clip_denoised: bool = True, denoised_fn: Callable | None = None,
+                 eps_scale: float | jax.Array = 1.0) -> dict[str, jax.Array]:
+        """One ancestral (IDDPM) step x_t -> x_{t-1}: mean + exp(log_var / 2) * noise (no noise at t=0).
+
+        Returns ``sample`` and ``pred_xstart`` ([B, H, W, C]). ``eps_scale`` != 1 is the ES sampler.
+        """
+        out = self.p_mean_variance(model_fn, x, t, clip_denoised=clip_denoised,
+                                   denoised_fn=denoised_fn, eps_scale=eps_scale)
+        nonzero = (t != 0).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
+        sample = out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise
+        return {"sample": sample, "pred_xstart": out["pred_xstart"]}
+
+    def ddim_sample(self, model_fn: ModelFn, x: jax.Array, t: jax.Array, noise: jax.Array, *,
+                    eta: float = 0.0, clip_denoised: bool = True,
+                    denoised_fn: Callable | None = None,
+                    eps_scale: float | jax.Array = 1.0) -> dict[str, jax.Array]:
+        """One DDIM step x_t -> x_{t-1} with stochasticity ``eta`` (0 = deterministic).
+
+        eps is re-derived from the (clipped) predicted x_0, as in the reference.
+        """
+        n = x.ndim
+        out = self.p_mean_variance(model_fn, x, t, clip_denoised=clip_denoised,
+                                   denoised_fn=denoised_fn, eps_scale=eps_scale)
+        eps = self.predict_eps_from_xstart(x, t, out["pred_xstart"])
+        alpha_bar = self._extract("alphas_cumprod", t, n)
+        alpha_bar_prev = self._extract("alphas_cumprod_prev", t, n)
+        sigma = (eta * jnp.sqrt((1 - alpha_bar_prev) / (1 - alpha_bar))
+                 * jnp.sqrt(1 - alpha_bar / alpha_bar_prev))
+        mean_pred = (out["pred_xstart"] * jnp.sqrt(alpha_bar_prev)
+                     + jnp.sqrt(1 - alpha_bar_prev - sigma ** 2) * eps)
+        nonzero = (t != 0).astype(x.dtype).reshape((-1,) + (1,) * (n - 1))
+        return {"sample": mean_pred + nonzero * sigma * noise, "pred_xstart": out["pred_xstart"]}
+
+    def _sample_loop(self, step: Callable, x_T: jax.Array, rng: jax.Array | None,
+                     needs_noise: bool, return_trajectory: bool):
+        if needs_noise and rng is None:
+            raise ValueError("this sampler is stochastic: pass rng")
+
+        def body(x, i):
+            t = jnp.full((x.shape[0],), i, jnp.int32)
+            noise = (jax.random.normal(jax.random.fold_in(rng, i), x.shape, x.dtype)
+                     if needs_noise else jnp.zeros_like(x))
+            out = step(x, t, noise)
+            return out["sample"], out["sample"] if return_trajectory else None
+
+        indices = jnp.arange(self.num_timesteps - 1, -1, -1)
+        x0, traj = jax.lax.scan(body, x_T, indices)
+        if return_trajectory:
+            return x0, jnp.concatenate([x_T[None], traj], axis=0)
+        return x0
+
+    def p_sample_loop(self, model_fn: ModelFn, x_T: jax.Array, rng: jax.Array, *,
+                      clip_denoised: bool = True, denoised_fn: Callable | None = None,
+                      eps_scale: float | jax.Array = 1.0, return_trajectory: bool = False):
+        """Ancestral sampling over the whole (respaced) chain, one ``lax.scan``.
+
+        Args:
+          x_T: the starting noise [B, H, W, C].
+          rng: key; step i (chain index) draws its noise from ``fold_in(rng, i)``.
+        Returns:
+          x_0 [B, H, W, C], and with ``return_trajectory`` also [T + 1, B, H, W, C] (x_T first).
+        """
+        step = lambda x, t, noise: self.p_sample(  # noqa: E731
+            model_fn, x, t, noise, clip_denoised=clip_denoised, denoised_fn=denoised_fn,
+            eps_scale=eps_scale)
+        return self._sample_loop(step, x_T, rng, True, return_trajectory)
+
+    def ddim_sample_loop(self, model_fn: ModelFn, x_T: jax.Array, rng: jax.Array | None = None, *,
+                         eta: float = 0.0, clip_denoised: bool = True,
+                         denoised_fn: Callable | None = None, eps_scale: float | jax.Array = 1.0,
+                         return_trajectory: bool = False):
+        """DDIM sampling over the whole (respaced, e.g. ``"ddim10"``) chain, one ``lax.scan``.
+
+        ``rng`` is needed only when ``eta > 0``. Returns like :meth:`p_sample_loop`.
+        """
+        step = lambda x, t, noise: self.ddim_sample(  # noqa: E731
+            model_fn, x, t, noise, eta=eta, clip_denoised=clip_denoised,
+            denoised_fn=denoised_fn, eps_scale=eps_scale)
+        return self._sample_loop(step, x_T, rng, eta != 0, return_trajectory)
+
 
 def create_gaussian_diffusion(*, steps: int = 1000, learn_sigma: bool = False,
                               sigma_small: bool = False, noise_schedule: str = "linear",
