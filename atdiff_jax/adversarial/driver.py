@@ -3,7 +3,7 @@
 The drivers are generic over the objective and over what an "update" is:
 
 * ``loss_fn(params, delta, rng) -> (scalar_loss, aux)``: the minibatch loss with the network input
-  perturbed by ``delta`` ([B, ...], the shape of x_t); ``aux`` is any pytree (e.g. per-example
+  perturbed by ``delta`` ([B, ...], the shape of x_t; ``None`` means clean); ``aux`` is any pytree (e.g. per-example
   losses for the timestep sampler). Everything else of the minibatch (x_0, t, noise, labels,
   importance weights) is closed over, so it is the same in every inner step.
 * ``apply_update(state, grads, aux) -> state``: one optimizer step plus whatever must follow every
@@ -61,11 +61,10 @@ def fast_at(loss_fn: LossFn, state: Any, rng: jax.Array, *, adversary: Adversary
       the δ used at step k) and ``delta_grad_norm`` [K, B] (l2 norm of ∂loss/∂δ at step k; zeros
       when it is not computed).
     """
-    delta0 = jnp.zeros(delta_shape, delta_dtype)
     if adversary.kind == "none" or adversary.steps == 1:
-        # Clean training; no δ-gradient, so K=1 is bit-identical to a plain training step.
+        # Clean training (delta=None, no δ-gradient): bit-identical to a plain training step.
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params_of(state), delta0, _inner_rng(rng, 0))
+            params_of(state), None, _inner_rng(rng, 0))
         state = apply_update(state, grads, aux)
         zeros = jnp.zeros((1, delta_shape[0]), jnp.float32)
         return state, {"loss": loss[None], "aux": jax.tree.map(lambda a: a[None], aux),
@@ -74,6 +73,7 @@ def fast_at(loss_fn: LossFn, state: Any, rng: jax.Array, *, adversary: Adversary
         raise ValueError(f"fast_at runs adversary kinds 'fast', 'random' and 'none', "
                          f"got {adversary.kind!r}")
 
+    delta0 = jnp.zeros(delta_shape, delta_dtype)
     grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
     last = adversary.steps - 1
 
