@@ -41,7 +41,8 @@ def _random_direction(rng: jax.Array, shape, dtype) -> jax.Array:
 
 def fast_at(loss_fn: LossFn, state: Any, rng: jax.Array, *, adversary: AdversaryConfig,
             delta_shape: tuple[int, ...], params_of: Callable[[Any], Any],
-            apply_update: UpdateFn, delta_dtype=jnp.float32) -> tuple[Any, dict[str, Any]]:
+            apply_update: UpdateFn, delta_dtype=jnp.float32,
+            return_deltas: bool = False) -> tuple[Any, dict[str, Any]]:
     """Runs one minibatch of fast (free) adversarial training: K updates.
 
     With ``adversary.kind == "random"`` the ascent direction is a fresh Gaussian instead of the
@@ -55,6 +56,8 @@ def fast_at(loss_fn: LossFn, state: Any, rng: jax.Array, *, adversary: Adversary
       rng: key of this minibatch; inner step k uses ``fold_in(rng, k)``.
       adversary: the AT hyper-parameters (K, step size, radius, norm).
       delta_shape: shape of δ, i.e. of the network input [B, H, W, C].
+      return_deltas: also return the δ used at every inner step (``metrics["delta"]``,
+        [K, *delta_shape]), e.g. for inspection and tests.
     Returns:
       ``(state, metrics)``; metrics are stacked over the K inner steps:
       ``loss`` [K], ``aux`` (aux pytree with a leading K axis), ``delta_norm`` [K, B] (l2 norm of
@@ -67,8 +70,11 @@ def fast_at(loss_fn: LossFn, state: Any, rng: jax.Array, *, adversary: Adversary
             params_of(state), None, _inner_rng(rng, 0))
         state = apply_update(state, grads, aux)
         zeros = jnp.zeros((1, delta_shape[0]), jnp.float32)
-        return state, {"loss": loss[None], "aux": jax.tree.map(lambda a: a[None], aux),
-                       "delta_norm": zeros, "delta_grad_norm": zeros}
+        metrics = {"loss": loss[None], "aux": jax.tree.map(lambda a: a[None], aux),
+                   "delta_norm": zeros, "delta_grad_norm": zeros}
+        if return_deltas:
+            metrics["delta"] = jnp.zeros((1,) + tuple(delta_shape), delta_dtype)
+        return state, metrics
     if adversary.kind not in ("fast", "random"):
         raise ValueError(f"fast_at runs adversary kinds 'fast', 'random' and 'none', "
                          f"got {adversary.kind!r}")
@@ -89,6 +95,8 @@ def fast_at(loss_fn: LossFn, state: Any, rng: jax.Array, *, adversary: Adversary
         state = apply_update(state, g_params, aux)
         metrics = {"loss": loss, "aux": aux, "delta_norm": per_example_l2(delta),
                    "delta_grad_norm": per_example_l2(g_delta)}
+        if return_deltas:
+            metrics["delta"] = delta
         return (state, next_delta), metrics
 
     (state, _), metrics = jax.lax.scan(inner, (state, delta0), jnp.arange(adversary.steps))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 
 
@@ -12,6 +13,7 @@ def normal_kl(mean1, logvar1, mean2, logvar2):
                   + jnp.square(mean1 - mean2) * jnp.exp(-logvar2))
 
 
+@jax.custom_jvp
 def _tanh_saturating_late(u):
     """tanh(u) with an absolute error of about 1e-7 right up to float32 saturation.
 
@@ -24,6 +26,15 @@ def _tanh_saturating_late(u):
     """
     a = jnp.minimum(jnp.abs(u), 15.0)
     return jnp.sign(u) * (1.0 - 2.0 / (jnp.exp(2.0 * a) + 1.0))
+
+
+@_tanh_saturating_late.defjvp
+def _tanh_saturating_late_jvp(primals, tangents):
+    # d tanh = (1 - tanh^2) du from the rounded forward value, as PyTorch's tanh_backward: where
+    # tanh rounds to 1 the derivative is exactly 0, which matters for log(cdf_plus - cdf_min).
+    (u,), (du,) = primals, tangents
+    y = _tanh_saturating_late(u)
+    return y, (1.0 - y * y) * du
 
 
 def approx_standard_normal_cdf(x):

@@ -1,0 +1,1 @@
+"""Training: train state, EMA, sharding, the jitted step, the loop, checkpointing."""
