@@ -98,7 +98,7 @@ def interpolate_fn(x: Array, xp: Array, yp: Array) -> Array:
     xp = jnp.asarray(xp, jnp.float32)
     yp = jnp.asarray(yp, jnp.float32)
     k = xp.shape[0]
-    pos = jnp.searchsorted(xp, x, side="left")
+    pos = jnp.searchsorted(xp, x, side="left", method="compare_all")
     seg = jnp.clip(pos - 1, 0, k - 2)
     start_x, end_x = xp[seg], xp[seg + 1]
     start_y, end_y = yp[seg], yp[seg + 1]
@@ -165,13 +165,19 @@ class NoiseScheduleVP:
         self.log_alpha_array = log_alphas.astype(np.float32)
         self.total_N = int(self.log_alpha_array.shape[0])
         self.t_array = torch_linspace_f32(0.0, 1.0, self.total_N + 1)[1:]
-        # Tables for inverse_lambda: log_alpha decreases in t, so flip to make it increasing.
-        self._log_alpha_flipped = np.ascontiguousarray(self.log_alpha_array[::-1])
-        self._t_flipped = np.ascontiguousarray(self.t_array[::-1])
+        # jnp copies of the tables: closed over by jitted code they become one shared constant
+        # argument instead of literals repeated at every interpolation (faster compiles).
+        # (Built eagerly even when the schedule is created while tracing, so no tracer leaks.)
+        with jax.ensure_compile_time_eval():
+            self._t_jnp = jnp.asarray(self.t_array)
+            self._log_alpha_jnp = jnp.asarray(self.log_alpha_array)
+            # Tables for inverse_lambda: log_alpha decreases in t; flip to make it increasing.
+            self._log_alpha_flipped = jnp.asarray(self.log_alpha_array[::-1])
+            self._t_flipped = jnp.asarray(self.t_array[::-1])
 
     def marginal_log_mean_coeff(self, t: Array) -> Array:
         """``log alpha_t``: piecewise-linear interpolation of ``log_alpha_array`` in ``t``."""
-        return interpolate_fn(t, self.t_array, self.log_alpha_array)
+        return interpolate_fn(t, self._t_jnp, self._log_alpha_jnp)
 
     def marginal_alpha(self, t: Array) -> Array:
         """``alpha_t = exp(log alpha_t)``."""
@@ -295,10 +301,26 @@ def model_wrapper(model_fn: Callable[..., Array], noise_schedule: NoiseScheduleV
 # Time steps and orders (static, computed before tracing)
 # ---------------------------------------------------------------------------------------------
 
-def _concrete(fn, *args):
-    """Evaluates ``fn`` eagerly (even while tracing) and returns a float32 NumPy array."""
+def _concrete(fn, x) -> np.ndarray:
+    """Evaluates the elementwise schedule function ``fn`` on concrete ``x``, even while tracing.
+
+    Returns a float32 NumPy array shaped like ``x``.  ``fn`` runs as a cached ``jax.jit`` on a
+    zero-padded vector of 64k entries, so precomputing time steps for many step counts costs one
+    compilation instead of one per shape and per op.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    flat = x.reshape(-1)
+    size = max(64, -(-flat.shape[0] // 64) * 64)
+    padded = np.zeros(size, np.float32)
+    padded[:flat.shape[0]] = flat
     with jax.ensure_compile_time_eval():
-        return np.asarray(fn(*args), dtype=np.float32)
+        out = np.asarray(_jitted(fn)(padded), dtype=np.float32)
+    return out[:flat.shape[0]].reshape(x.shape)
+
+
+@functools.lru_cache(maxsize=64)
+def _jitted(fn):
+    return jax.jit(fn)
 
 
 def get_time_steps(noise_schedule: NoiseScheduleVP, skip_type: str, t_T: float, t_0: float,
@@ -311,8 +333,7 @@ def get_time_steps(noise_schedule: NoiseScheduleVP, skip_type: str, t_T: float, 
     """
     if skip_type == "logSNR":
         ns = noise_schedule
-        lambda_T = float(_concrete(ns.marginal_lambda, np.float32(t_T)))
-        lambda_0 = float(_concrete(ns.marginal_lambda, np.float32(t_0)))
+        lambda_T, lambda_0 = _concrete(ns.marginal_lambda, np.float32([t_T, t_0]))
         lambdas = torch_linspace_f32(lambda_T, lambda_0, N + 1)
         return _concrete(ns.inverse_lambda, lambdas)
     if skip_type == "time_uniform":
@@ -384,9 +405,11 @@ class _Coeffs:
     """Schedule quantities at one time, computed as the reference computes them."""
 
     def __init__(self, ns: NoiseScheduleVP, t: Array):
-        self.lam = ns.marginal_lambda(t)
+        # One interpolation; the same float32 formulas as marginal_lambda / marginal_std.
         self.log_alpha = ns.marginal_log_mean_coeff(t)
-        self.sigma = ns.marginal_std(t)
+        one_minus_alpha2 = 1.0 - jnp.exp(2.0 * self.log_alpha)
+        self.lam = self.log_alpha - 0.5 * jnp.log(one_minus_alpha2)
+        self.sigma = jnp.sqrt(one_minus_alpha2)
         self.alpha = jnp.exp(self.log_alpha)
 
 
@@ -681,7 +704,6 @@ def sample_with_noise_fn(noise_fn: Callable[[Array, Array], Array], x_T: Array,
         x = update(orders[-1], x, hist_m, hist_t, ts[steps])
         if return_intermediates:
             intermediates += [ys, x[None]]
-        last_step = steps
     else:
         orders, outer = singlestep_orders_and_timesteps(ns, steps, order, skip_type, t_T, t_0,
                                                         method)
@@ -717,8 +739,6 @@ def sample_with_noise_fn(noise_fn: Callable[[Array, Array], Array], x_T: Array,
             if return_intermediates:
                 intermediates.append(ys)
             start = stop
-        last_step = len(orders)
-    del last_step
 
     if denoise_to_zero:
         x = data_pred(x, jnp.float32(t_0))
