@@ -194,6 +194,33 @@ def test_pgd_makes_one_update_at_the_final_delta():
     assert float(metrics["loss"][0]) > float(clean)
 
 
+def test_timestep_sampler_sees_the_adversarial_losses_of_every_inner_step():
+    from atdiff_jax.diffusion.timestep_sampler import TimestepSampler
+    sampler = TimestepSampler("loss-second-moment", DIFFUSION.num_timesteps)
+    batch, rng = make_batch(7), jax.random.key(10)
+
+    def update_with_sampler(state, grads, aux):
+        new = apply_update(state, grads, aux)
+        new["sampler"] = sampler.update(state["sampler"], batch["t"], aux["loss"])
+        return new
+
+    def step(state):
+        loss_fn = functools.partial(denoising_loss, batch=batch, apply_fn=apply_fn, diffusion=DIFFUSION)
+        return driver.fast_at(loss_fn, state, rng, adversary=AdversaryConfig(steps=3), delta_shape=SHAPE,
+                              params_of=lambda s: s["params"], apply_update=update_with_sampler)
+
+    state = dict(init_state(), sampler=sampler.init())
+    new, metrics = jax.jit(step)(state)
+    counts = np.asarray(new["sampler"].counts)
+    assert counts.sum() == 3 * SHAPE[0]
+    # The recorded history of each timestep is the per-example adversarial losses, in order.
+    t0 = int(batch["t"][0])
+    first = [i for i in range(SHAPE[0]) if int(batch["t"][i]) == t0]
+    recorded = np.asarray(new["sampler"].losses[t0, :counts[t0]])
+    expected = np.asarray(metrics["aux"]["loss"])[:, first].reshape(-1)
+    np.testing.assert_allclose(recorded, expected, rtol=1e-6)
+
+
 def test_random_direction_control():
     batch, state, rng = make_batch(6), init_state(), jax.random.key(9)
     new, m_rand = jit_run(AdversaryConfig(kind="random"), batch, state, rng)
