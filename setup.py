@@ -12,6 +12,11 @@ INSTALL_REQUIRES = [
     "clu>=0.0.12",
     "absl-py>=2.1",
     "pillow>=10.0",
+    # Data: TFDS datasets read without TensorFlow through tfds.data_source + grain (ArrayRecord).
+    "tensorflow-datasets>=4.9.10",
+    "grain>=0.2.18",
+    "array_record>=0.8.6",
+    "importlib_resources>=7.1.0",  # used by TFDS 4.9.10 but not declared by it
 ]
 
 EXTRAS = {
