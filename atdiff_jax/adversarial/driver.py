@@ -22,11 +22,28 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from atdiff_jax.adversarial.perturb import AdversaryConfig, per_example_l2
 
 LossFn = Callable[[Any, jax.Array, jax.Array], tuple[jax.Array, Any]]
 UpdateFn = Callable[[Any, Any, Any], Any]
+# grad_fn(params, delta or None, rng) -> ((loss, aux), (param_grads, delta_grad or None))
+GradFn = Callable[[Any, Any, jax.Array], tuple[tuple[jax.Array, Any], tuple[Any, Any]]]
+
+
+def _default_grad_fn(loss_fn: LossFn) -> GradFn:
+    """One forward/backward giving the gradients for the params and (when given) δ."""
+    both = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+    params_only = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def grad_fn(params, delta, rng):
+        if delta is None:
+            value, g = params_only(params, None, rng)
+            return value, (g, None)
+        return both(params, delta, rng)
+
+    return grad_fn
 
 
 def _inner_rng(rng: jax.Array, k) -> jax.Array:
@@ -41,7 +58,7 @@ def _random_direction(rng: jax.Array, shape, dtype) -> jax.Array:
 
 def fast_at(loss_fn: LossFn, state: Any, rng: jax.Array, *, adversary: AdversaryConfig,
             delta_shape: tuple[int, ...], params_of: Callable[[Any], Any],
-            apply_update: UpdateFn, delta_dtype=jnp.float32,
+            apply_update: UpdateFn, delta_dtype=jnp.float32, grad_fn: GradFn | None = None,
             return_deltas: bool = False) -> tuple[Any, dict[str, Any]]:
     """Runs one minibatch of fast (free) adversarial training: K updates.
 
@@ -56,22 +73,25 @@ def fast_at(loss_fn: LossFn, state: Any, rng: jax.Array, *, adversary: Adversary
       rng: key of this minibatch; inner step k uses ``fold_in(rng, k)``.
       adversary: the AT hyper-parameters (K, step size, radius, norm).
       delta_shape: shape of δ, i.e. of the network input [B, H, W, C].
+      grad_fn: optional replacement for ``jax.value_and_grad(loss_fn, argnums=(0, 1))``, e.g. one
+        that accumulates gradients over micro-batches (see ``GradFn``).
       return_deltas: also return the δ used at every inner step (``metrics["delta"]``,
         [K, *delta_shape]), e.g. for inspection and tests.
     Returns:
       ``(state, metrics)``; metrics are stacked over the K inner steps:
       ``loss`` [K], ``aux`` (aux pytree with a leading K axis), ``delta_norm`` [K, B] (l2 norm of
-      the δ used at step k) and ``delta_grad_norm`` [K, B] (l2 norm of ∂loss/∂δ at step k; zeros
-      when it is not computed).
+      the δ used at step k), ``delta_grad_norm`` [K, B] (l2 norm of ∂loss/∂δ at step k; zeros
+      when it is not computed) and ``grad_norm`` [K] (global l2 norm of the parameter gradient).
     """
+    grad_fn = grad_fn or _default_grad_fn(loss_fn)
     if adversary.kind == "none" or adversary.steps == 1:
         # Clean training (delta=None, no δ-gradient): bit-identical to a plain training step.
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-            params_of(state), None, _inner_rng(rng, 0))
+        (loss, aux), (grads, _) = grad_fn(params_of(state), None, _inner_rng(rng, 0))
         state = apply_update(state, grads, aux)
         zeros = jnp.zeros((1, delta_shape[0]), jnp.float32)
         metrics = {"loss": loss[None], "aux": jax.tree.map(lambda a: a[None], aux),
-                   "delta_norm": zeros, "delta_grad_norm": zeros}
+                   "delta_norm": zeros, "delta_grad_norm": zeros,
+                   "grad_norm": optax.global_norm(grads)[None]}
         if return_deltas:
             metrics["delta"] = jnp.zeros((1,) + tuple(delta_shape), delta_dtype)
         return state, metrics
@@ -80,7 +100,6 @@ def fast_at(loss_fn: LossFn, state: Any, rng: jax.Array, *, adversary: Adversary
                          f"got {adversary.kind!r}")
 
     delta0 = jnp.zeros(delta_shape, delta_dtype)
-    grad_fn = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
     last = adversary.steps - 1
 
     def inner(carry, k):
@@ -94,7 +113,7 @@ def fast_at(loss_fn: LossFn, state: Any, rng: jax.Array, *, adversary: Adversary
         next_delta = jnp.where(k < last, next_delta, delta)
         state = apply_update(state, g_params, aux)
         metrics = {"loss": loss, "aux": aux, "delta_norm": per_example_l2(delta),
-                   "delta_grad_norm": per_example_l2(g_delta)}
+                   "delta_grad_norm": per_example_l2(g_delta), "grad_norm": optax.global_norm(g_params)}
         if return_deltas:
             metrics["delta"] = delta
         return (state, next_delta), metrics
@@ -105,7 +124,8 @@ def fast_at(loss_fn: LossFn, state: Any, rng: jax.Array, *, adversary: Adversary
 
 def pgd_at(loss_fn: LossFn, state: Any, rng: jax.Array, *, adversary: AdversaryConfig,
            delta_shape: tuple[int, ...], params_of: Callable[[Any], Any],
-           apply_update: UpdateFn, delta_dtype=jnp.float32) -> tuple[Any, dict[str, Any]]:
+           apply_update: UpdateFn, delta_dtype=jnp.float32,
+           grad_fn: GradFn | None = None) -> tuple[Any, dict[str, Any]]:
     """PGD adversarial training: K ascent steps on δ with the params fixed, then ONE update at δ_K.
 
     Cost per update is (K + 1) forward/backward passes. Inner ascent step k uses key
@@ -113,10 +133,14 @@ def pgd_at(loss_fn: LossFn, state: Any, rng: jax.Array, *, adversary: AdversaryC
 
     Returns:
       ``(state, metrics)``: ``loss`` [1], ``aux`` (leading axis 1), ``delta_norm`` [1, B] (the
-      final δ), ``delta_grad_norm`` [K, B] (the δ-gradients of the ascent steps).
+      final δ), ``delta_grad_norm`` [K, B] (the δ-gradients of the ascent steps), ``grad_norm`` [1].
     """
     params = params_of(state)
-    delta_grad = jax.grad(lambda d, r: loss_fn(params, d, r)[0])
+    if grad_fn is None:
+        delta_grad = jax.grad(lambda d, r: loss_fn(params, d, r)[0])
+        grad_fn = _default_grad_fn(loss_fn)
+    else:
+        delta_grad = lambda d, r: grad_fn(params, d, r)[1][1]  # noqa: E731
 
     def ascend(delta, k):
         g = delta_grad(delta, _inner_rng(rng, k))
@@ -124,17 +148,19 @@ def pgd_at(loss_fn: LossFn, state: Any, rng: jax.Array, *, adversary: AdversaryC
 
     delta, grad_norms = jax.lax.scan(ascend, jnp.zeros(delta_shape, delta_dtype),
                                      jnp.arange(adversary.steps))
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, delta, _inner_rng(rng, adversary.steps))
+    (loss, aux), (grads, _) = grad_fn(params, delta, _inner_rng(rng, adversary.steps))
     state = apply_update(state, grads, aux)
     return state, {"loss": loss[None], "aux": jax.tree.map(lambda a: a[None], aux),
-                   "delta_norm": per_example_l2(delta)[None], "delta_grad_norm": grad_norms}
+                   "delta_norm": per_example_l2(delta)[None], "delta_grad_norm": grad_norms,
+                   "grad_norm": optax.global_norm(grads)[None]}
 
 
 def run_adversary(loss_fn: LossFn, state: Any, rng: jax.Array, *, adversary: AdversaryConfig,
                   delta_shape: tuple[int, ...], params_of: Callable[[Any], Any],
-                  apply_update: UpdateFn, delta_dtype=jnp.float32) -> tuple[Any, dict[str, Any]]:
+                  apply_update: UpdateFn, delta_dtype=jnp.float32,
+                  grad_fn: GradFn | None = None) -> tuple[Any, dict[str, Any]]:
     """Dispatches on ``adversary.kind``: PGD to :func:`pgd_at`, everything else to :func:`fast_at`."""
     driver = pgd_at if adversary.kind == "pgd" else fast_at
     return driver(loss_fn, state, rng, adversary=adversary, delta_shape=delta_shape,
-                  params_of=params_of, apply_update=apply_update, delta_dtype=delta_dtype)
+                  params_of=params_of, apply_update=apply_update, delta_dtype=delta_dtype,
+                  grad_fn=grad_fn)

@@ -72,6 +72,17 @@ class TimestepSampler:
         t = jax.random.choice(rng, self.num_timesteps, (batch_size,), p=p).astype(jnp.int32)
         return t, 1.0 / (self.num_timesteps * p[t])
 
+    def sample_per_example(self, state: LossHistory, keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Like :meth:`sample` with one key per example ([B] keys), so that each example's draw
+        depends on its own key only (and not on the batch size or the device layout)."""
+        if self.kind == "uniform":
+            t = jax.vmap(lambda k: jax.random.randint(k, (), 0, self.num_timesteps, jnp.int32))(keys)
+            return t, jnp.ones(t.shape, jnp.float32)
+        p = self.probabilities(state)
+        logits = jnp.log(p)
+        t = jax.vmap(lambda k: jax.random.categorical(k, logits))(keys).astype(jnp.int32)
+        return t, 1.0 / (self.num_timesteps * p[t])
+
     def update(self, state: LossHistory, t: jax.Array, losses: jax.Array) -> LossHistory:
         """Records per-example ``losses`` [B] at timesteps ``t`` [B], in batch order.
 
