@@ -17,6 +17,9 @@ INSTALL_REQUIRES = [
     "grain>=0.2.18",
     "array_record>=0.8.6",
     "importlib_resources>=7.1.0",  # used by TFDS 4.9.10 but not declared by it
+    # clu's metric writers write TensorBoard event files through TensorFlow.
+    "tensorflow-cpu>=2.21.0",
+    "tensorboard>=2.21.0",
 ]
 
 EXTRAS = {
@@ -36,5 +39,5 @@ setup(
     packages=find_packages(include=["atdiff_jax", "atdiff_jax.*"]),
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
-    entry_points={"console_scripts": []},
+    entry_points={"console_scripts": ["atdiff=atdiff_jax.cli:run"]},
 )

@@ -1,0 +1,136 @@
+"""The ``atdiff`` command line.
+
+  atdiff train  --config=configs/mnist_adm_at.py --workdir=runs/mnist_at [--config.adv.steps=3 ...]
+  atdiff sample --workdir=runs/mnist_at --sampler=ddim|iddpm|dpm_solver --steps=N --num=M --out=PATH
+  atdiff data prepare --dataset=mnist32 [--data_dir=DIR]
+
+``train`` resumes automatically from the newest checkpoint in the workdir. ``sample`` reads the
+config from the checkpoint, restores the EMA params on whatever devices exist and writes
+``PATH.npz`` (uint8 images [N, H, W, C], labels for class-conditional models) and ``PATH.png``.
+Multi-host: set the jax.distributed environment (see launch/) and pass ``--distributed``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF is imported by clu's writers and TFDS
+
+import jax  # noqa: E402
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+COMMANDS = ("train", "sample", "data")
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples.")
+flags.DEFINE_integer("restore_step", None, "train/sample: checkpoint step to start from "
+                     "(default: the newest).")
+flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host).")
+flags.DEFINE_enum("sampler", "ddim", ["ddim", "iddpm", "dpm_solver"], "sample: sampler.")
+flags.DEFINE_integer("steps", 50, "sample: number of network evaluations (NFE).")
+flags.DEFINE_integer("num", 64, "sample: number of images.")
+flags.DEFINE_integer("batch_size", 64, "sample: images per sampler call.")
+flags.DEFINE_float("eps_scale", 1.0, "sample: epsilon scaling (ES) factor for ddim/iddpm.")
+flags.DEFINE_float("ema_rate", None, "sample: which EMA copy (default: the run's first rate).")
+flags.DEFINE_integer("seed", 0, "sample: seed of the initial noise.")
+flags.DEFINE_string("out", None, "sample: output path without extension (default: "
+                    "<workdir>/samples/<sampler><steps>).")
+flags.DEFINE_string("dataset", "mnist32", "data prepare: the dataset to build (mnist32).")
+flags.DEFINE_string("data_dir", None, "data prepare: TFDS data_dir (default ./data).")
+
+
+class UsageError(app.UsageError):
+    pass
+
+
+def _train() -> None:
+    from atdiff_jax.train.loop import train_and_evaluate
+    if FLAGS.config is None or FLAGS.workdir is None:
+        raise UsageError("atdiff train needs --config=configs/X.py and --workdir=DIR")
+    train_and_evaluate(FLAGS.config, FLAGS.workdir, restore_step=FLAGS.restore_step)
+
+
+def _sample() -> None:
+    import jax.numpy as jnp  # noqa: F401  (jax is initialised before restoring)
+    from atdiff_jax.eval import samples as samples_lib
+    from atdiff_jax.train.loop import restore_for_sampling
+    if FLAGS.workdir is None:
+        raise UsageError("atdiff sample needs --workdir=DIR (a run with checkpoints)")
+    if FLAGS.num < 1 or FLAGS.steps < 1 or FLAGS.batch_size < 1:
+        raise UsageError("--num, --steps and --batch_size must be >= 1")
+    module, params, experiment, config = restore_for_sampling(
+        FLAGS.workdir, step=FLAGS.restore_step, ema_rate=FLAGS.ema_rate)
+    images, labels = samples_lib.generate(
+        module, params, experiment.diffusion, num=FLAGS.num, image_shape=experiment.image_shape,
+        rng=jax.random.key(FLAGS.seed), sampler=FLAGS.sampler, steps=FLAGS.steps,
+        batch_size=min(FLAGS.batch_size, FLAGS.num), eps_scale=FLAGS.eps_scale,
+        num_classes=config.model.num_classes if experiment.class_cond else None)
+    out = FLAGS.out or os.path.join(FLAGS.workdir, "samples", f"{FLAGS.sampler}{FLAGS.steps}")
+    npz, png = samples_lib.save_samples(images, labels, out)
+    print(f"wrote {len(images)} samples to {npz} and {png}")
+
+
+def _data(args: list[str]) -> None:
+    from atdiff_jax.data.mnist import prepare_mnist
+    if args != ["prepare"]:
+        raise UsageError("usage: atdiff data prepare --dataset=mnist32 [--data_dir=DIR]")
+    if FLAGS.dataset != "mnist32":
+        raise UsageError(f"atdiff data prepare builds 'mnist32' offline; other TFDS datasets are "
+                         f"prepared with TFDS itself (see README), got {FLAGS.dataset!r}")
+    path = prepare_mnist(FLAGS.data_dir or "data")
+    print(f"mnist32 ready at {path}")
+
+
+class _LibraryInfoFilter(logging.Filter):
+    """Keeps our INFO lines (metrics, progress) and drops the INFO chatter of orbax/grain/jax."""
+
+    NOISY = (f"{os.sep}orbax{os.sep}", f"{os.sep}grain{os.sep}", f"{os.sep}jax{os.sep}",
+             f"{os.sep}tensorflow_datasets{os.sep}", f"{os.sep}etils{os.sep}")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not any(n in record.pathname for n in self.NOISY)
+
+
+def _quiet_library_logs() -> None:
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.INFO)
+    absl_logging.get_absl_handler().addFilter(_LibraryInfoFilter())
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) < 2 or argv[1] not in COMMANDS:
+        raise UsageError(f"usage: atdiff {{{'|'.join(COMMANDS)}}} [flags]; got {argv[1:]}")
+    _quiet_library_logs()
+    if FLAGS.distributed:
+        jax.distributed.initialize()
+    command, rest = argv[1], argv[2:]
+    from atdiff_jax.data.mnist import MnistSourceError
+    from atdiff_jax.data.pipeline import DatasetNotFoundError
+    from atdiff_jax.train.checkpoint import CheckpointError
+    from atdiff_jax.train.experiment import ConfigError
+    try:
+        if command == "data":
+            _data(rest)
+        elif rest:
+            raise UsageError(f"unexpected arguments {rest}")
+        elif command == "train":
+            _train()
+        else:
+            _sample()
+    except (ConfigError, CheckpointError, DatasetNotFoundError, MnistSourceError) as e:
+        # Bad input: one clear message, no traceback, non-zero exit; nothing was overwritten.
+        print(f"atdiff {command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app.run(main, argv=sys.argv)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,1 @@
+"""Evaluation: sampling from trained models, sample grids."""

@@ -1,0 +1,216 @@
+"""The training loop: ``train_and_evaluate(config, workdir)``, and ``restore_for_sampling``.
+
+Every process runs the same program. The state lives on a (data, fsdp) mesh over all devices of
+all processes; each process feeds its slice of the global batch. A workdir with checkpoints is
+resumed automatically (state, data-iterator position and RNG counters), which gives bit-identical
+parameters to an uninterrupted run. SIGTERM (preemption) makes every process save at the next step
+boundary and exit cleanly.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from clu import metric_writers, periodic_actions
+from jax.experimental import multihost_utils
+
+from atdiff_jax.convert.guided_diffusion import load_torch_state_dict, params_from_state_dict
+from atdiff_jax.data.pipeline import create_train_iterator
+from atdiff_jax.eval import samples as samples_lib
+from atdiff_jax.train import checkpoint as ckpt
+from atdiff_jax.train import sharding
+from atdiff_jax.train.experiment import (Experiment, build_experiment, build_optimizer,
+                                         lr_schedule)
+from atdiff_jax.train.state import TrainState, create_state, ema_key, init_params
+from atdiff_jax.train.step import make_train_step
+
+
+# Metrics that are counters or schedules: logged at their last value, not averaged over the window.
+_COUNTERS = ("skipped_updates", "optimizer_updates", "lr")
+
+
+def default_data_dir(workdir: str) -> str:
+    return os.path.join(os.path.dirname(os.path.abspath(workdir)), "data")
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag that all processes agree on at a step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint at the next step boundary")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        signal.signal(signal.SIGTERM, self._previous or signal.SIG_DFL)
+
+    def agreed(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        flags = multihost_utils.process_allgather(np.array([self.requested]))
+        return bool(np.any(flags))
+
+
+def _initial_params(config, experiment: Experiment) -> tuple[Any, Any | None]:
+    """Params (and optional EMA params) from a PyTorch ADM checkpoint or a fresh init."""
+    rng = jax.random.key(config.seed)
+    if not config.init.checkpoint:
+        return init_params(experiment, rng), None
+    module = experiment.model
+    params = params_from_state_dict(
+        load_torch_state_dict(config.init.checkpoint, sha256=config.init.checkpoint_sha256 or None),
+        module)
+    ema = None
+    if config.init.ema_checkpoint:
+        ema = params_from_state_dict(load_torch_state_dict(
+            config.init.ema_checkpoint, sha256=config.init.ema_checkpoint_sha256 or None), module)
+    logging.info("initialised from %s (EMA from %s); optimizer state fresh", config.init.checkpoint,
+                 config.init.ema_checkpoint or "the params")
+    return params, ema
+
+
+def _compile_state(config, experiment, optimizer, mesh):
+    """Abstract state, its shardings, and a jitted initialiser placing it on the mesh."""
+    def init():
+        params, ema = _initial_params(config, experiment)
+        return create_state(experiment, optimizer, params, ema)
+
+    abstract = jax.eval_shape(lambda: create_state(
+        experiment, optimizer, init_params(experiment, jax.random.key(0))))
+    shardings = sharding.state_shardings(abstract, mesh)
+    return abstract, shardings, init
+
+
+def _write_grid(config, experiment, state, mesh, workdir, step, writer):
+    rate = config.train.ema_rates[0]
+    images, _ = samples_lib.generate(
+        experiment.model, state.ema[ema_key(rate)], experiment.diffusion,
+        num=config.train.num_samples, image_shape=experiment.image_shape,
+        rng=jax.random.fold_in(jax.random.key(config.seed), 10_000_000 + step),
+        sampler=config.train.sampler, steps=config.train.sample_steps,
+        batch_size=config.train.num_samples,
+        num_classes=config.model.num_classes if experiment.class_cond else None)
+    if jax.process_index() == 0:
+        tile = samples_lib.grid(images)
+        samples_lib.save_png(tile, os.path.join(workdir, "samples", f"ema_{step:08d}.png"))
+        writer.write_images(step, {"ema_samples": tile[None]})
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       restore_step: int | None = None) -> TrainState:
+    """Trains (or resumes) ``config`` in ``workdir``; returns the final state."""
+    experiment = build_experiment(config)   # validates the config first
+    optimizer = build_optimizer(config)
+    lr_fn = lr_schedule(config)
+    workdir = os.path.abspath(workdir)
+    data_dir = config.data.data_dir or default_data_dir(workdir)
+    mesh = sharding.create_mesh(config.mesh.fsdp)
+    if config.train.global_batch_size % jax.device_count():
+        raise ValueError(f"config.train.global_batch_size ({config.train.global_batch_size}) must "
+                         f"be divisible by the number of devices ({jax.device_count()})")
+    if (config.train.global_batch_size // config.train.microbatches) % jax.device_count():
+        raise ValueError("config.train.global_batch_size / config.train.microbatches must be "
+                         f"divisible by the number of devices ({jax.device_count()})")
+
+    iterator = create_train_iterator(
+        dataset=config.data.dataset, data_dir=data_dir, split=config.data.split,
+        global_batch_size=config.train.global_batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        random_flip=config.data.random_flip, class_cond=config.model.class_cond,
+        image_size=config.model.image_size, worker_count=config.data.worker_count)
+
+    abstract, shardings, init = _compile_state(config, experiment, optimizer, mesh)
+    manager = ckpt.create_manager(workdir, max_to_keep=config.train.keep_checkpoints)
+    step_to_restore = restore_step if restore_step is not None else manager.latest_step()
+    if step_to_restore is not None:
+        state, data_state, _ = ckpt.restore(
+            manager, step_to_restore, ckpt.abstract_with_shardings(abstract, shardings))
+        iterator.set_state(data_state)
+        logging.info("resumed from %s step %d", manager.directory, step_to_restore)
+    else:
+        os.makedirs(workdir, exist_ok=True)
+        state = jax.jit(init, out_shardings=shardings)()
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            f.write(config.to_json(indent=2))
+
+    train_step = jax.jit(
+        make_train_step(experiment, optimizer, seed=config.seed, lr_fn=lr_fn),
+        in_shardings=(shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() > 0, asynchronous=False)
+    total = config.train.num_minibatches
+    start = int(state.step)
+    report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
+                                             every_steps=config.train.log_every)
+    pending: list[dict] = []
+    step = start
+    with _Preemption() as preemption:
+        for step in range(start + 1, total + 1):
+            batch = sharding.global_batch(next(iterator), mesh)
+            state, metrics = train_step(state, batch)
+            pending.append(metrics)
+            report(step, time.time())
+            if step % config.train.log_every == 0 or step == total:
+                host = jax.device_get(pending)
+                scalars = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
+                scalars.update({k: float(host[-1][k]) for k in _COUNTERS if k in host[-1]})
+                writer.write_scalars(step, scalars)
+                pending = []
+            if config.train.sample_every and step % config.train.sample_every == 0:
+                _write_grid(config, experiment, state, mesh, workdir, step, writer)
+            stop = preemption.agreed()
+            if step % config.train.checkpoint_every == 0 or step == total or stop:
+                ckpt.save(manager, step, state, iterator.get_state(), config)
+            if stop:
+                logging.warning("preempted: checkpoint %d written, exiting", step)
+                break
+    if step == total and total > start and config.train.sample_every:
+        _write_grid(config, experiment, state, mesh, workdir, step, writer)
+    writer.flush()
+    manager.close()
+    return state
+
+
+def restore_for_sampling(workdir: str, step: int | None = None, ema_rate: float | None = None
+                         ) -> tuple[Any, Any, Experiment, ml_collections.ConfigDict]:
+    """``(module, ema_params, experiment, config)`` from a run's checkpoint, on this host's devices.
+
+    Works whatever the device or process count the checkpoint was written with. ``ema_rate`` picks
+    the EMA copy (default: the first of ``config.train.ema_rates``).
+    """
+    manager = ckpt.create_manager(workdir, read_only=True)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise ckpt.CheckpointError(f"no checkpoint in {manager.directory}")
+    config = ckpt.restore_config(manager, step)
+    experiment = build_experiment(config)
+    optimizer = build_optimizer(config)
+    abstract = jax.eval_shape(lambda: create_state(
+        experiment, optimizer, init_params(experiment, jax.random.key(0))))
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                          abstract)
+    state, _, _ = ckpt.restore(manager, step, target)
+    rate = config.train.ema_rates[0] if ema_rate is None else ema_rate
+    if ema_key(rate) not in state.ema:
+        raise ValueError(f"ema_rate {rate} is not in this run; it has {list(config.train.ema_rates)}")
+    manager.close()
+    return experiment.model, state.ema[ema_key(rate)], experiment, config

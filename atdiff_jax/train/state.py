@@ -1,0 +1,47 @@
+"""The training state: params, EMA params, optimizer state, counters, timestep-sampler state."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from atdiff_jax.diffusion.timestep_sampler import LossHistory
+from atdiff_jax.train.experiment import Experiment
+
+
+def ema_key(rate: float) -> str:
+    """Name of the EMA copy for a rate in ``TrainState.ema`` and checkpoints: 0.9999 -> "0_9999"."""
+    return repr(float(rate)).replace(".", "_")
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array      # minibatches done (the paper's "iterations"), int32
+    updates: jax.Array   # optimizer updates applied (K per minibatch under fast AT), int32
+    skipped: jax.Array   # updates skipped because a gradient or loss was not finite, int32
+    params: Any
+    ema: dict[str, Any]  # {ema_key(rate): params}
+    opt_state: Any
+    sampler: LossHistory
+
+
+def init_params(experiment: Experiment, rng: jax.Array) -> Any:
+    """Freshly initialised network parameters (float32)."""
+    h, w, c = experiment.image_shape
+    x = jnp.zeros((1, h, w, c), jnp.float32)
+    t = jnp.zeros((1,), jnp.int32)
+    y = jnp.zeros((1,), jnp.int32) if experiment.class_cond else None
+    return experiment.model.init({"params": rng}, x, t, y=y, train=False)["params"]
+
+
+def create_state(experiment: Experiment, optimizer: optax.GradientTransformation, params: Any,
+                 ema_params: Any | None = None) -> TrainState:
+    """A fresh state around ``params`` (EMA from ``ema_params`` if given, else the params)."""
+    ema_src = params if ema_params is None else ema_params
+    return TrainState(
+        step=jnp.int32(0), updates=jnp.int32(0), skipped=jnp.int32(0), params=params,
+        ema={ema_key(r): jax.tree.map(jnp.array, ema_src) for r in experiment.ema_rates},
+        opt_state=optimizer.init(params), sampler=experiment.sampler.init())

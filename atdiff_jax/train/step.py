@@ -1,0 +1,152 @@
+"""The training step: ONE pure function ``(state, batch) -> (state, metrics)`` per minibatch.
+
+It draws timesteps and noise, runs the adversary's K inner updates (``jax.grad`` inside, one
+optimizer + EMA + timestep-sampler update per inner step) and returns scalar metrics. It is
+compiled once with ``jax.jit`` and shardings (see ``sharding.py``).
+
+Randomness is counter-based: the minibatch key is ``fold_in(key(seed), state.step)``; example i of
+the global batch draws its timestep and noise from ``fold_in(example_root, i)``, so results do not
+depend on the number of devices or processes, and a resumed run draws the same numbers as an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from atdiff_jax.adversarial.driver import run_adversary
+from atdiff_jax.diffusion.objective import denoising_loss
+from atdiff_jax.train.ema import ema_update
+from atdiff_jax.train.experiment import Experiment
+from atdiff_jax.train.state import TrainState, ema_key
+
+
+def _all_finite(tree) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
+
+
+def _split_micro(x: jax.Array, m: int) -> jax.Array:
+    """[B, ...] -> [m, B/m, ...] taking every m-th example (keeps each device's rows local)."""
+    return jnp.swapaxes(x.reshape((x.shape[0] // m, m) + x.shape[1:]), 0, 1)
+
+
+def _merge_micro(x: jax.Array) -> jax.Array:
+    """Inverse of :func:`_split_micro`."""
+    return jnp.swapaxes(x, 0, 1).reshape((-1,) + x.shape[2:])
+
+
+def microbatched_grad_fn(loss_of_batch: Callable, batch: dict, m: int) -> Callable:
+    """A driver ``grad_fn`` that accumulates gradients over ``m`` micro-batches with a scan.
+
+    ``loss_of_batch(params, delta, rng, batch) -> (loss, aux)``. The loss and gradients equal those
+    of the whole batch (mean of equal-sized means); dropout draws a different key per micro-batch.
+    """
+    micro = jax.tree.map(functools.partial(_split_micro, m=m), batch)
+
+    def grad_fn(params, delta, rng):
+        with_delta = delta is not None
+        vg = jax.value_and_grad(loss_of_batch, argnums=(0, 1) if with_delta else 0, has_aux=True)
+        deltas = _split_micro(delta, m) if with_delta else jnp.zeros((m,))
+
+        def body(acc, xs):
+            j, mb, d = xs
+            (loss, aux), g = vg(params, d if with_delta else None, jax.random.fold_in(rng, j), mb)
+            g_params, g_delta = g if with_delta else (g, jnp.zeros(()))
+            return jax.tree.map(jnp.add, acc, g_params), (loss, aux, g_delta)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        acc, (losses, aux, g_delta) = jax.lax.scan(body, zeros, (jnp.arange(m), micro, deltas))
+        grads = jax.tree.map(lambda g: g / m, acc)
+        aux = jax.tree.map(_merge_micro, aux)
+        # d mean_B / d delta = (1/m) d mean_{B/m} / d delta on each micro-batch.
+        g_delta = _merge_micro(g_delta) / m if with_delta else None
+        return (jnp.mean(losses), aux), (grads, g_delta)
+
+    return grad_fn
+
+
+def make_train_step(experiment: Experiment, optimizer: optax.GradientTransformation, *,
+                    seed: int, lr_fn: Callable[[Any], Any]) -> Callable:
+    """Builds ``train_step(state, batch) -> (state, metrics)``.
+
+    ``batch``: ``image`` [B, H, W, C] float32 in [-1, 1] (the global batch) and, for
+    class-conditional models, ``label`` [B] int32.
+    """
+    exp = experiment
+    model = exp.model
+
+    def apply_fn(params, x, t, y, rng):
+        return model.apply({"params": params}, x, t, y=y, train=True, rngs={"dropout": rng})
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        x0 = batch["image"]
+        b = x0.shape[0]
+        step_key = jax.random.fold_in(jax.random.key(seed), state.step)
+        example_root, dropout_root = jax.random.fold_in(step_key, 0), jax.random.fold_in(step_key, 1)
+        keys = jax.vmap(lambda i: jax.random.fold_in(example_root, i))(jnp.arange(b))
+        t, weights = exp.sampler.sample_per_example(
+            state.sampler, jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys))
+        noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), x0.shape[1:]))(keys)
+        loss_batch = {"x_start": x0, "t": t, "noise": noise, "weights": weights}
+        if exp.class_cond:
+            loss_batch["y"] = batch["label"]
+        if exp.input_perturb:
+            loss_batch["ip_noise"] = jax.vmap(
+                lambda k: jax.random.normal(jax.random.fold_in(k, 2), x0.shape[1:]))(keys)
+
+        def loss_of_batch(params, delta, rng, mb):
+            return denoising_loss(params, delta, rng, batch=mb, apply_fn=apply_fn,
+                                  diffusion=exp.diffusion, target_type=exp.adversary.target_type,
+                                  input_perturb=exp.input_perturb)
+
+        loss_fn = functools.partial(loss_of_batch, mb=loss_batch)
+        grad_fn = (microbatched_grad_fn(loss_of_batch, loss_batch, exp.microbatches)
+                   if exp.microbatches > 1 else None)
+
+        def apply_update(st: TrainState, grads, aux) -> TrainState:
+            finite = _all_finite(grads) & jnp.all(jnp.isfinite(aux["loss"]))
+
+            def update(st):
+                updates, opt_state = optimizer.update(grads, st.opt_state, st.params)
+                params = optax.apply_updates(st.params, updates)
+                ema = {ema_key(r): ema_update(st.ema[ema_key(r)], params, r) for r in exp.ema_rates}
+                return st.replace(params=params, opt_state=opt_state, ema=ema,
+                                  updates=st.updates + 1,
+                                  sampler=exp.sampler.update(st.sampler, t, aux["loss"]))
+
+            def skip(st):
+                return st.replace(skipped=st.skipped + 1)
+
+            return jax.lax.cond(finite, update, skip, st)
+
+        state, m = run_adversary(loss_fn, state, dropout_root, adversary=exp.adversary,
+                                 delta_shape=x0.shape, params_of=lambda s: s.params,
+                                 apply_update=apply_update, grad_fn=grad_fn)
+        state = state.replace(step=state.step + 1)
+        losses = m["loss"]
+        metrics = {"loss": jnp.mean(losses)}
+        if exp.adversary.kind == "pgd":
+            metrics["loss_adv"] = losses[0]
+        else:  # inner step 0 is clean (δ = 0); the later ones are perturbed
+            metrics["loss_clean"] = losses[0]
+            if losses.shape[0] > 1:
+                metrics["loss_adv"] = jnp.mean(losses[1:])
+        metrics.update({
+            "delta_norm": jnp.mean(m["delta_norm"][-1]),
+            "delta_grad_norm": jnp.mean(m["delta_grad_norm"]),
+            "grad_norm": jnp.mean(m["grad_norm"]),
+            "lr": jnp.asarray(lr_fn(state.updates), jnp.float32),
+            "skipped_updates": state.skipped,
+            "optimizer_updates": state.updates,
+        })
+        for k in ("mse", "vb"):
+            if k in m["aux"]:
+                metrics[k] = jnp.mean(m["aux"][k])
+        return state, metrics
+
+    return train_step
