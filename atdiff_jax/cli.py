@@ -7,7 +7,17 @@
 ``train`` resumes automatically from the newest checkpoint in the workdir. ``sample`` reads the
 config from the checkpoint, restores the EMA params on whatever devices exist and writes
 ``PATH.npz`` (uint8 images [N, H, W, C], labels for class-conditional models) and ``PATH.png``.
-Multi-host: set the jax.distributed environment (see launch/) and pass ``--distributed``.
+Multi-host: pass ``--distributed`` to every process; it calls ``jax.distributed.initialize`` with
+the coordinator, process count and process id taken from these environment variables when they are
+set, and from JAX's cluster auto-detection (Cloud TPU, SLURM, Open MPI, ...) otherwise:
+
+  ATDIFF_COORDINATOR    host:port of process 0's coordinator service (e.g. 10.0.0.1:1234)
+  ATDIFF_NUM_PROCESSES  number of processes in the job
+  ATDIFF_PROCESS_ID     this process's id, 0 .. ATDIFF_NUM_PROCESSES - 1
+
+For example, two processes on one machine (CPU collectives use gloo), i = 0 and 1:
+  ATDIFF_COORDINATOR=127.0.0.1:12355 ATDIFF_NUM_PROCESSES=2 ATDIFF_PROCESS_ID=$i \\
+      atdiff train --distributed --config=... --workdir=...
 """
 from __future__ import annotations
 
@@ -45,6 +55,27 @@ flags.DEFINE_string("data_dir", None, "data prepare: TFDS data_dir (default ./da
 
 class UsageError(app.UsageError):
     pass
+
+
+DISTRIBUTED_ENV = {"coordinator_address": "ATDIFF_COORDINATOR",
+                   "num_processes": "ATDIFF_NUM_PROCESSES", "process_id": "ATDIFF_PROCESS_ID"}
+
+
+def distributed_init_kwargs(environ=os.environ) -> dict:
+    """``jax.distributed.initialize`` arguments from the ATDIFF_* variables that are set."""
+    kwargs = {}
+    for arg, var in DISTRIBUTED_ENV.items():
+        value = environ.get(var, "").strip()
+        if not value:
+            continue
+        if arg == "coordinator_address":
+            kwargs[arg] = value
+            continue
+        try:
+            kwargs[arg] = int(value)
+        except ValueError:
+            raise UsageError(f"{var} must be an integer, got {value!r}") from None
+    return kwargs
 
 
 def _train() -> None:
@@ -106,7 +137,7 @@ def main(argv: list[str]) -> None:
         raise UsageError(f"usage: atdiff {{{'|'.join(COMMANDS)}}} [flags]; got {argv[1:]}")
     _quiet_library_logs()
     if FLAGS.distributed:
-        jax.distributed.initialize()
+        jax.distributed.initialize(**distributed_init_kwargs())
     command, rest = argv[1], argv[2:]
     from atdiff_jax.data.mnist import MnistSourceError
     from atdiff_jax.data.pipeline import DatasetNotFoundError

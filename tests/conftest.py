@@ -1,4 +1,5 @@
-"""Shared test fixtures: reference vectors and the converted reference UNet (compiled once)."""
+"""Shared test fixtures: reference vectors, the converted reference UNet (compiled once) and the
+offline MNIST dataset (built once per session, ~10 s)."""
 from __future__ import annotations
 
 import functools
@@ -64,3 +65,12 @@ def ref_model_fn(ref_unet):
     """Jitted eval-mode ``model_fn(x_nhwc, t) -> out_nhwc`` of the reference UNet."""
     module, params = ref_unet
     return jax.jit(lambda x, t: module.apply({"params": params}, x, t, train=False))
+
+
+@pytest.fixture(scope="session")
+def mnist_data_dir(tmp_path_factory) -> pathlib.Path:
+    """A TFDS data_dir holding only ``mnist32``, built offline once per session (read-only)."""
+    from atdiff_jax.data import prepare_mnist
+    data_dir = tmp_path_factory.mktemp("mnist_tfds")
+    prepare_mnist(data_dir)
+    return data_dir

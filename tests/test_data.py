@@ -1,9 +1,10 @@
 """Tests of atdiff_jax.data: the offline MNIST builder and the TFDS/grain input pipeline.
 
-The MNIST dataset is built once per session (~10 s on 2 cores). The pipeline properties are
-tested on a small synthetic TFDS dataset written with the same TFDS machinery, whose images
-encode their own example index (channels 0/1) and a horizontally asymmetric ramp (channel 2),
-so every batch can be traced back to the exact examples and flips it contains.
+The MNIST dataset is built once per session (~10 s on 2 cores; ``mnist_data_dir`` in conftest.py,
+shared with the trainer tests). The pipeline properties are tested on a small synthetic TFDS
+dataset written with the same TFDS machinery, whose images encode their own example index
+(channels 0/1) and a horizontally asymmetric ramp (channel 2), so every batch can be traced back
+to the exact examples and flips it contains.
 """
 from __future__ import annotations
 
@@ -74,13 +75,6 @@ def toy_dir(tmp_path_factory) -> str:
         download_dir=os.fspath(data_dir / "downloads"),
         download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return os.fspath(data_dir)
-
-
-@pytest.fixture(scope="session")
-def mnist_dir(tmp_path_factory) -> pathlib.Path:
-    data_dir = tmp_path_factory.mktemp("mnist_tfds")
-    prepare_mnist(data_dir)
-    return data_dir
 
 
 @pytest.fixture(scope="session")
@@ -193,23 +187,24 @@ def test_missing_package_says_what_to_install(monkeypatch, tmp_path):
     assert not (tmp_path / "tfds").exists()
 
 
-def test_mnist32_dataset_contents(mnist_dir, idx_arrays):
-    meta = get_dataset_meta("mnist32", data_dir=mnist_dir)
+def test_mnist32_dataset_contents(mnist_data_dir, idx_arrays):
+    meta = get_dataset_meta("mnist32", data_dir=mnist_data_dir)
     assert dict(meta.num_examples) == {"train": 60000, "test": 10000}
     assert meta.image_shape == (32, 32, 1) and meta.num_classes == 10
-    assert (mnist_dir / "mnist32" / "1.0.0" / "mnist32-train.array_record-00000-of-00001").is_file()
+    version_dir = mnist_data_dir / "mnist32" / "1.0.0"
+    assert (version_dir / "mnist32-train.array_record-00000-of-00001").is_file()
 
     # Readable by plain TFDS (no atdiff code involved), in IDX order.
-    builder = tfds.builder_from_directory(mnist_dir / "mnist32" / "1.0.0")
+    builder = tfds.builder_from_directory(mnist_data_dir / "mnist32" / "1.0.0")
     assert builder.info.features["image"].shape == (32, 32, 1)
-    src = tfds.data_source("mnist32", data_dir=mnist_dir, download=False,
+    src = tfds.data_source("mnist32", data_dir=mnist_data_dir, download=False,
                            decoders={"image": tfds.decode.SkipDecoding()})
     for split, n in (("train", 60000), ("test", 10000)):
         labels = np.array([ex["label"] for ex in src[split].__getitems__(range(n))])
         np.testing.assert_array_equal(labels, idx_arrays[split][1])
 
     # Every test image and a random 3000 train images, decoded: zero border, IDX centre.
-    test_images, test_labels = load_examples("mnist32", data_dir=mnist_dir, split="test",
+    test_images, test_labels = load_examples("mnist32", data_dir=mnist_data_dir, split="test",
                                              with_labels=True)
     assert test_images.shape == (10000, 32, 32, 1) and test_images.dtype == np.uint8
     np.testing.assert_array_equal(test_labels, idx_arrays["test"][1])
@@ -219,7 +214,7 @@ def test_mnist32_dataset_contents(mnist_dir, idx_arrays):
     assert border.max() == 0 and test_images.max() == 255
     rows = np.sort(np.random.default_rng(0).choice(60000, 3000, replace=False))
     train = [src_ex["image"] for src_ex in
-             tfds.data_source("mnist32", data_dir=mnist_dir, split="train",
+             tfds.data_source("mnist32", data_dir=mnist_data_dir, split="train",
                               download=False).__getitems__(rows.tolist())]
     train = np.stack(train)
     np.testing.assert_array_equal(train[:, 2:30, 2:30, 0], idx_arrays["train"][0][rows])
@@ -227,17 +222,17 @@ def test_mnist32_dataset_contents(mnist_dir, idx_arrays):
     assert train[:, :, :2].max() == 0 and train[:, :, 30:].max() == 0
 
 
-def test_prepare_is_idempotent(mnist_dir):
-    shard = mnist_dir / "mnist32" / "1.0.0" / "mnist32-test.array_record-00000-of-00001"
+def test_prepare_is_idempotent(mnist_data_dir):
+    shard = mnist_data_dir / "mnist32" / "1.0.0" / "mnist32-test.array_record-00000-of-00001"
     before = shard.stat().st_mtime_ns
-    assert prepare_mnist(mnist_dir) == mnist_dir / "mnist32" / "1.0.0"
+    assert prepare_mnist(mnist_data_dir) == mnist_data_dir / "mnist32" / "1.0.0"
     assert shard.stat().st_mtime_ns == before
-    assert [p.name for p in mnist_dir.iterdir()] == ["mnist32"]  # no temp dirs left behind
+    assert [p.name for p in mnist_data_dir.iterdir()] == ["mnist32"]  # no temp dirs left behind
 
 
-def test_incomplete_dataset_is_detected(mnist_dir, tmp_path):
+def test_incomplete_dataset_is_detected(mnist_data_dir, tmp_path):
     copy = tmp_path / "mnist32" / "1.0.0"
-    shutil.copytree(mnist_dir / "mnist32" / "1.0.0", copy)
+    shutil.copytree(mnist_data_dir / "mnist32" / "1.0.0", copy)
     assert mnist_lib.check_prepared(copy) is None
     (copy / "mnist32-test.array_record-00000-of-00001").unlink()
     assert mnist_lib.check_prepared(copy) is not None
@@ -262,8 +257,8 @@ def test_interrupted_preparation_leaves_nothing(monkeypatch, tmp_path):
                               process_index=0, process_count=1)
 
 
-def test_mnist_batches_match_idx(mnist_dir, idx_arrays):
-    it = create_train_iterator(dataset="mnist32", data_dir=mnist_dir, global_batch_size=64,
+def test_mnist_batches_match_idx(mnist_data_dir, idx_arrays):
+    it = create_train_iterator(dataset="mnist32", data_dir=mnist_data_dir, global_batch_size=64,
                                seed=7, process_index=0, process_count=1, class_cond=True)
     assert it.steps_per_epoch == 60000 // 64
     for step in range(2):

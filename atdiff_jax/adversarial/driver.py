@@ -13,8 +13,11 @@ The drivers are generic over the objective and over what an "update" is:
 ``fast_at`` is the authors' "fast" recipe (SPEC §2.1): δ = 0 at the start of every minibatch, K
 inner steps each doing ONE forward/backward that yields the gradients for both the params and δ
 (``jax.value_and_grad(..., argnums=(0, 1))``), an update at every inner step, and a normalised,
-projected ascent step on δ between inner steps. The loop is a ``lax.scan`` (the network is traced
-and compiled once), so the whole minibatch is one jittable function.
+projected ascent step on δ between inner steps. The whole minibatch is one jittable function.
+
+The K inner steps are a fully unrolled ``lax.scan``: on XLA:CPU, convolution gradients inside a
+while loop run ~15x slower than the same ops unrolled (measured: 3.0 s vs 0.19 s for six conv
+forward/backward passes), and K is small, so the extra compile time is the better trade.
 """
 from __future__ import annotations
 
@@ -118,7 +121,8 @@ def fast_at(loss_fn: LossFn, state: Any, rng: jax.Array, *, adversary: Adversary
             metrics["delta"] = delta
         return (state, next_delta), metrics
 
-    (state, _), metrics = jax.lax.scan(inner, (state, delta0), jnp.arange(adversary.steps))
+    (state, _), metrics = jax.lax.scan(inner, (state, delta0), jnp.arange(adversary.steps),
+                                       unroll=True)
     return state, metrics
 
 
@@ -147,7 +151,7 @@ def pgd_at(loss_fn: LossFn, state: Any, rng: jax.Array, *, adversary: AdversaryC
         return jax.lax.stop_gradient(adversary.step(delta, g)), per_example_l2(g)
 
     delta, grad_norms = jax.lax.scan(ascend, jnp.zeros(delta_shape, delta_dtype),
-                                     jnp.arange(adversary.steps))
+                                     jnp.arange(adversary.steps), unroll=True)
     (loss, aux), (grads, _) = grad_fn(params, delta, _inner_rng(rng, adversary.steps))
     state = apply_update(state, grads, aux)
     return state, {"loss": loss[None], "aux": jax.tree.map(lambda a: a[None], aux),

@@ -1,4 +1,4 @@
-"""The training loop: ``train_and_evaluate(config, workdir)``, and ``restore_for_sampling``.
+"""The training loop (``train_and_evaluate``) and restoring a run (``restore_state``, sampling).
 
 Every process runs the same program. The state lives on a (data, fsdp) mesh over all devices of
 all processes; each process feeds its slice of the global batch. A workdir with checkpoints is
@@ -189,6 +189,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     return state
 
 
+def _restore_local(workdir: str, step: int | None
+                   ) -> tuple[TrainState, Experiment, ml_collections.ConfigDict]:
+    """``(state, experiment, config)`` of checkpoint ``step`` (default: newest) on one local device.
+
+    Works whatever the device or process count the checkpoint was written with.
+    """
+    manager = ckpt.create_manager(workdir, read_only=True)
+    try:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise ckpt.CheckpointError(f"no checkpoint in {manager.directory}")
+        config = ckpt.restore_config(manager, step)
+        experiment = build_experiment(config)
+        optimizer = build_optimizer(config)
+        abstract = jax.eval_shape(lambda: create_state(
+            experiment, optimizer, init_params(experiment, jax.random.key(0))))
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
+                              abstract)
+        state, _, _ = ckpt.restore(manager, step, target)
+    finally:
+        manager.close()
+    return state, experiment, config
+
+
+def restore_state(workdir: str, step: int | None = None
+                  ) -> tuple[TrainState, ml_collections.ConfigDict]:
+    """``(state, config)``: the full train state of checkpoint ``step`` (default: the newest).
+
+    The state (params, EMA copies, optimizer state, counters, timestep-sampler state) is placed on
+    this process's first local device, whatever the device or process count it was written with.
+    """
+    state, _, config = _restore_local(workdir, step)
+    return state, config
+
+
 def restore_for_sampling(workdir: str, step: int | None = None, ema_rate: float | None = None
                          ) -> tuple[Any, Any, Experiment, ml_collections.ConfigDict]:
     """``(module, ema_params, experiment, config)`` from a run's checkpoint, on this host's devices.
@@ -196,21 +232,8 @@ def restore_for_sampling(workdir: str, step: int | None = None, ema_rate: float 
     Works whatever the device or process count the checkpoint was written with. ``ema_rate`` picks
     the EMA copy (default: the first of ``config.train.ema_rates``).
     """
-    manager = ckpt.create_manager(workdir, read_only=True)
-    step = manager.latest_step() if step is None else step
-    if step is None:
-        raise ckpt.CheckpointError(f"no checkpoint in {manager.directory}")
-    config = ckpt.restore_config(manager, step)
-    experiment = build_experiment(config)
-    optimizer = build_optimizer(config)
-    abstract = jax.eval_shape(lambda: create_state(
-        experiment, optimizer, init_params(experiment, jax.random.key(0))))
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                          abstract)
-    state, _, _ = ckpt.restore(manager, step, target)
+    state, experiment, config = _restore_local(workdir, step)
     rate = config.train.ema_rates[0] if ema_rate is None else ema_rate
     if ema_key(rate) not in state.ema:
         raise ValueError(f"ema_rate {rate} is not in this run; it has {list(config.train.ema_rates)}")
-    manager.close()
     return experiment.model, state.ema[ema_key(rate)], experiment, config

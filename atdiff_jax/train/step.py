@@ -60,7 +60,9 @@ def microbatched_grad_fn(loss_of_batch: Callable, batch: dict, m: int) -> Callab
             return jax.tree.map(jnp.add, acc, g_params), (loss, aux, g_delta)
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        acc, (losses, aux, g_delta) = jax.lax.scan(body, zeros, (jnp.arange(m), micro, deltas))
+        # Unrolled: see the note on XLA:CPU loops in atdiff_jax/adversarial/driver.py.
+        acc, (losses, aux, g_delta) = jax.lax.scan(body, zeros, (jnp.arange(m), micro, deltas),
+                                                   unroll=True)
         grads = jax.tree.map(lambda g: g / m, acc)
         aux = jax.tree.map(_merge_micro, aux)
         # d mean_B / d delta = (1/m) d mean_{B/m} / d delta on each micro-batch.

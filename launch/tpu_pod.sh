@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Cloud TPU pod (TPU VM): run the same command on every worker. jax.distributed.initialize()
+# discovers the pod by itself (--distributed), every host feeds its slice of the global batch and
+# takes part in every checkpoint save, so the workdir and data_dir must be on shared storage
+# (a gs:// bucket works for both with Orbax and TFDS).
+#
+#   TPU_NAME=my-pod ZONE=us-central2-b WORKDIR=gs://bucket/runs/cifar10_at \
+#   DATA_DIR=gs://bucket/tfds bash launch/tpu_pod.sh configs/cifar10_adm_at.py [extra flags...]
+set -euo pipefail
+: "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}" "${WORKDIR:?set WORKDIR}" "${DATA_DIR:?set DATA_DIR}"
+CONFIG=${1:?usage: launch/tpu_pod.sh CONFIG [flags...]}
+shift
+REPO=${REPO:-https://example.invalid/atdiff_jax.git}  # where the workers get the code from
+EXTRA=$(printf " %q" "$@")
+gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="
+  set -e
+  if [ ! -d atdiff_jax ]; then git clone $REPO atdiff_jax; fi
+  cd atdiff_jax
+  python3 -m venv .venv && . .venv/bin/activate
+  pip install -q -e . 'jax[tpu]'
+  atdiff train --distributed --config=$CONFIG --workdir=$WORKDIR --config.data.data_dir=$DATA_DIR $EXTRA
+"
