@@ -18,7 +18,7 @@ The adversarial-training extension of the authors' ``AdvGaussianDiffusion`` live
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 import flax.struct
 import jax

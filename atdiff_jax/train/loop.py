@@ -8,7 +8,6 @@ boundary and exit cleanly.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -16,7 +15,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from clu import metric_writers, periodic_actions
@@ -167,9 +165,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             batch = sharding.global_batch(next(iterator), mesh)
             state, metrics = train_step(state, batch)
             pending.append(metrics)
-            report(step, time.time())
             if step % config.train.log_every == 0 or step == total:
-                host = jax.device_get(pending)
+                host = jax.device_get(pending)  # waits for the step: the timing below is real
+                report(step, time.time())
                 scalars = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
                 scalars.update({k: float(host[-1][k]) for k in _COUNTERS if k in host[-1]})
                 writer.write_scalars(step, scalars)
