@@ -22,7 +22,7 @@ def atdiff(*args, timeout=600):
 def tiny_run(tmp_path_factory, mnist_data_dir):
     workdir = tmp_path_factory.mktemp("cli") / "tiny"
     res = atdiff("train", f"--config={TINY}", f"--workdir={workdir}",
-                 f"--config.data.data_dir={mnist_data_dir}")
+                 f"--config.data.data_dir={mnist_data_dir}", "--config.train.sample_every=2")
     assert res.returncode == 0, res.stderr[-3000:]
     return workdir
 
@@ -31,6 +31,11 @@ def test_train_writes_checkpoints_metrics_and_config(tiny_run):
     assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir() if p.name.isdigit()) == ["2", "4"]
     assert list(tiny_run.glob("events.out.tfevents.*")), "no TensorBoard event file"
     assert (tiny_run / "config.json").exists()
+    # EMA sample grids every 2 minibatches (4 images of 16x16 with 1-px gaps: 35x35).
+    from PIL import Image
+    grids = sorted(p.name for p in (tiny_run / "samples").glob("ema_*.png"))
+    assert grids == ["ema_00000002.png", "ema_00000004.png"]
+    assert Image.open(tiny_run / "samples" / grids[0]).size == (35, 35)
 
 
 def test_sample_from_workdir(tiny_run, tmp_path):

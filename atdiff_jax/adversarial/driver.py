@@ -94,7 +94,7 @@ def fast_at(loss_fn: LossFn, state: Any, rng: jax.Array, *, adversary: Adversary
         zeros = jnp.zeros((1, delta_shape[0]), jnp.float32)
         metrics = {"loss": loss[None], "aux": jax.tree.map(lambda a: a[None], aux),
                    "delta_norm": zeros, "delta_grad_norm": zeros,
-                   "grad_norm": optax.global_norm(grads)[None]}
+                   "grad_norm": optax.tree.norm(grads)[None]}
         if return_deltas:
             metrics["delta"] = jnp.zeros((1,) + tuple(delta_shape), delta_dtype)
         return state, metrics
@@ -116,7 +116,7 @@ def fast_at(loss_fn: LossFn, state: Any, rng: jax.Array, *, adversary: Adversary
         next_delta = jnp.where(k < last, next_delta, delta)
         state = apply_update(state, g_params, aux)
         metrics = {"loss": loss, "aux": aux, "delta_norm": per_example_l2(delta),
-                   "delta_grad_norm": per_example_l2(g_delta), "grad_norm": optax.global_norm(g_params)}
+                   "delta_grad_norm": per_example_l2(g_delta), "grad_norm": optax.tree.norm(g_params)}
         if return_deltas:
             metrics["delta"] = delta
         return (state, next_delta), metrics
@@ -156,7 +156,7 @@ def pgd_at(loss_fn: LossFn, state: Any, rng: jax.Array, *, adversary: AdversaryC
     state = apply_update(state, grads, aux)
     return state, {"loss": loss[None], "aux": jax.tree.map(lambda a: a[None], aux),
                    "delta_norm": per_example_l2(delta)[None], "delta_grad_norm": grad_norms,
-                   "grad_norm": optax.global_norm(grads)[None]}
+                   "grad_norm": optax.tree.norm(grads)[None]}
 
 
 def run_adversary(loss_fn: LossFn, state: Any, rng: jax.Array, *, adversary: AdversaryConfig,

@@ -55,7 +55,8 @@ def microbatched_grad_fn(loss_of_batch: Callable, batch: dict, m: int) -> Callab
 
         def body(acc, xs):
             j, mb, d = xs
-            (loss, aux), g = vg(params, d if with_delta else None, jax.random.fold_in(rng, j), mb)
+            rng_j = None if rng is None else jax.random.fold_in(rng, j)
+            (loss, aux), g = vg(params, d if with_delta else None, rng_j, mb)
             g_params, g_delta = g if with_delta else (g, jnp.zeros(()))
             return jax.tree.map(jnp.add, acc, g_params), (loss, aux, g_delta)
 

@@ -1,0 +1,139 @@
+"""The jitted training step in-process: non-finite skipping, micro-batching, bf16, several EMA
+rates, and starting from a converted PyTorch checkpoint."""
+import functools
+import pathlib
+import runpy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from atdiff_jax.diffusion.objective import denoising_loss
+from atdiff_jax.train import step as step_lib
+from atdiff_jax.train.experiment import (ConfigError, build_experiment, build_optimizer,
+                                         lr_schedule, validate_config)
+from atdiff_jax.train.state import create_state, ema_key, init_params
+
+TINY = pathlib.Path(__file__).parent.parent / "configs" / "tiny.py"
+
+
+def tiny_config(**overrides):
+    c = runpy.run_path(str(TINY))["get_config"]()
+    for path, value in overrides.items():
+        group, name = path.split(".")
+        c[group][name] = value
+    return c
+
+
+def make(config):
+    exp = build_experiment(config)
+    opt = build_optimizer(config)
+    state = create_state(exp, opt, init_params(exp, jax.random.key(0)))
+    step = jax.jit(step_lib.make_train_step(exp, opt, seed=config.seed, lr_fn=lr_schedule(config)))
+    return exp, opt, state, step
+
+
+def batch_of(config, seed=0):
+    b, s = config.train.global_batch_size, config.model.image_size
+    return {"image": jax.random.uniform(jax.random.key(seed), (b, s, s, 1), minval=-1, maxval=1)}
+
+
+def test_non_finite_updates_are_skipped_and_counted_and_ema_rates_are_separate():
+    config = tiny_config(**{"adv.steps": 2, "train.ema_rates": (0.5, 0.9)})
+    _, _, state, step = make(config)
+    good, metrics = step(state, batch_of(config))
+    assert int(good.updates) == 2 and int(good.skipped) == 0 and int(good.step) == 1
+    e1, e2 = good.ema[ema_key(0.5)], good.ema[ema_key(0.9)]
+    # Two EMA copies with their own rates: the faster one moved further from the init.
+    d1 = jax.tree.leaves(jax.tree.map(lambda a, b: jnp.sum(jnp.abs(a - b)), e1, state.params))
+    d2 = jax.tree.leaves(jax.tree.map(lambda a, b: jnp.sum(jnp.abs(a - b)), e2, state.params))
+    assert sum(map(float, d1)) > 2 * sum(map(float, d2)) > 0
+    bad_batch = batch_of(config)
+    bad_batch["image"] = bad_batch["image"].at[0, 0, 0, 0].set(jnp.nan)
+    bad, metrics = step(good, bad_batch)
+    assert int(bad.skipped) == 2 and int(bad.updates) == 2 and int(bad.step) == 2
+    assert int(metrics["skipped_updates"]) == 2
+    jax.tree.map(np.testing.assert_array_equal, bad.params, good.params)
+    jax.tree.map(np.testing.assert_array_equal, bad.ema, good.ema)
+    jax.tree.map(np.testing.assert_array_equal, bad.opt_state, good.opt_state)
+
+
+def test_microbatched_gradients_equal_whole_batch_gradients():
+    config = tiny_config()
+    exp, _, state, _ = make(config)
+    b = config.train.global_batch_size
+    x = batch_of(config)["image"]
+    k = jax.random.split(jax.random.key(3), 2)
+    batch = {"x_start": x, "t": jax.random.randint(k[0], (b,), 0, 100),
+             "noise": jax.random.normal(k[1], x.shape), "weights": jnp.linspace(0.5, 1.5, b)}
+    apply_fn = lambda p, xx, t, y, rng: exp.model.apply({"params": p}, xx, t, y=y)  # noqa: E731
+    loss_of_batch = functools.partial(denoising_loss, apply_fn=apply_fn, diffusion=exp.diffusion)
+
+    def loss_mb(params, delta, rng, mb):
+        return loss_of_batch(params, delta, rng, batch=mb)
+
+    delta = 0.05 * jax.random.normal(jax.random.key(4), x.shape)
+    whole = jax.jit(jax.value_and_grad(functools.partial(loss_mb, mb=batch), argnums=(0, 1), has_aux=True))
+    (l1, aux1), (g1, d1) = whole(state.params, delta, None)
+    micro = jax.jit(step_lib.microbatched_grad_fn(loss_mb, batch, 4))
+    (l2, aux2), (g2, d2) = micro(state.params, delta, None)
+    np.testing.assert_allclose(l2, l1, rtol=1e-6)
+    np.testing.assert_allclose(aux2["loss"], aux1["loss"], rtol=1e-6)  # merged back in batch order
+    np.testing.assert_allclose(d2, d1, rtol=1e-4, atol=1e-6 * float(jnp.abs(d1).max()))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7), g2, g1)
+    # The clean path (delta=None) too.
+    (l3, _), (g3, none) = micro(state.params, None, None)
+    assert none is None and np.isfinite(float(l3))
+
+
+def test_bfloat16_compute_trains_with_float32_params():
+    config = tiny_config(**{"model.dtype": "bfloat16", "adv.steps": 1})
+    _, _, state, step = make(config)
+    new, metrics = step(state, batch_of(config))
+    assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(new.params))
+    assert np.isfinite(float(metrics["loss"])) and int(new.skipped) == 0
+    f32 = tiny_config(**{"adv.steps": 1})
+    _, _, state32, step32 = make(f32)
+    _, m32 = step32(state32, batch_of(f32))
+    assert float(metrics["loss"]) == pytest.approx(float(m32["loss"]), rel=0.05)
+
+
+def test_start_from_a_converted_pytorch_checkpoint(tmp_path):
+    torch = pytest.importorskip("torch")
+    from atdiff_jax.convert.guided_diffusion import state_dict_from_params
+    from atdiff_jax.train.loop import _initial_params
+    config = tiny_config()
+    exp = build_experiment(config)
+    src = init_params(exp, jax.random.key(7))
+    ema_src = jax.tree.map(lambda p: p + 0.5, src)
+    for name, tree in (("model.pt", src), ("ema.pt", ema_src)):
+        torch.save({k: torch.from_numpy(np.array(v)) for k, v in
+                    state_dict_from_params(jax.device_get(tree)).items()}, tmp_path / name)
+    config.init.checkpoint = str(tmp_path / "model.pt")
+    config.init.ema_checkpoint = str(tmp_path / "ema.pt")
+    params, ema = _initial_params(config, exp)
+    jax.tree.map(np.testing.assert_array_equal, params, src)
+    state = create_state(exp, build_optimizer(config), params, ema)
+    jax.tree.map(np.testing.assert_array_equal, state.ema[ema_key(0.9999)], ema_src)
+    assert int(state.updates) == 0 and int(state.step) == 0  # optimizer state is fresh
+    config.init.checkpoint_sha256 = "0" * 64
+    with pytest.raises(ValueError, match="SHA-256 is .*, expected 0000"):
+        _initial_params(config, exp)
+
+
+@pytest.mark.parametrize("path,value,message", [
+    ("adv.kind", "freelb", "config.adv.kind must be one of"),
+    ("adv.steps", 0, "config.adv.steps must be an integer > 0"),
+    ("diffusion.noise_schedule", "sigmoid", "config.diffusion.noise_schedule must be one of"),
+    ("train.microbatches", 3, "divisible by config.train.microbatches"),
+    ("model.dtype", "float16", "config.model.dtype must be one of"),
+    ("optim.b1", 1.5, "config.optim.b1 must be in [0, 1)"),
+    ("train.ema_rates", (1.5,), "config.train.ema_rates"),
+])
+def test_invalid_config_values_name_the_option(path, value, message):
+    config = tiny_config()
+    group, name = path.split(".")
+    config[group][name] = value
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        validate_config(config)
