@@ -167,11 +167,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             pending.append(metrics)
             if step % config.train.log_every == 0 or step == total:
                 host = jax.device_get(pending)  # waits for the step: the timing below is real
-                report(step, time.time())
                 scalars = {k: float(np.mean([m[k] for m in host])) for k in host[-1]}
                 scalars.update({k: float(host[-1][k]) for k in _COUNTERS if k in host[-1]})
                 writer.write_scalars(step, scalars)
                 pending = []
+            # Every step (clu requires it); it only reports on log steps, after the wait above.
+            report(step, time.time())
             if config.train.sample_every and step % config.train.sample_every == 0:
                 _write_grid(config, experiment, state, mesh, workdir, step, writer)
             stop = preemption.agreed()
@@ -180,7 +181,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             if stop:
                 logging.warning("preempted: checkpoint %d written, exiting", step)
                 break
-    if step == total and total > start and config.train.sample_every:
+    every = config.train.sample_every
+    if step == total and total > start and every and total % every:  # a last grid at the end
         _write_grid(config, experiment, state, mesh, workdir, step, writer)
     writer.flush()
     manager.close()
