@@ -25,7 +25,9 @@ import logging
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TF is imported by clu's writers and TFDS
+# TensorFlow is imported (not used for compute) by clu's writers and TFDS: keep it quiet.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
