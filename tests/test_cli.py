@@ -95,3 +95,11 @@ def test_usage_errors():
     assert res.returncode != 0 and "usage: atdiff" in res.stderr
     res = atdiff("sample")
     assert res.returncode != 0 and "--workdir" in res.stderr
+
+
+def test_mesh_that_does_not_fit_the_devices_is_a_config_error(tmp_path, mnist_data_dir):
+    res = atdiff("train", f"--config={TINY}", f"--workdir={tmp_path / 'run'}",
+                 f"--config.data.data_dir={mnist_data_dir}", "--config.mesh.fsdp=3")
+    assert res.returncode == 2
+    assert "config.mesh.fsdp (3) must divide the number of devices (1)" in res.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -137,3 +137,22 @@ def test_invalid_config_values_name_the_option(path, value, message):
     config[group][name] = value
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         validate_config(config)
+
+
+def test_a_run_starts_from_the_pytorch_weights_placed_on_the_mesh(tmp_path):
+    torch = pytest.importorskip("torch")
+    from atdiff_jax.convert.guided_diffusion import state_dict_from_params
+    from atdiff_jax.train import sharding
+    from atdiff_jax.train.loop import _abstract_state, _initial_state
+    config = tiny_config()
+    exp, opt = build_experiment(config), build_optimizer(config)
+    src = init_params(exp, jax.random.key(11))
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in
+                state_dict_from_params(jax.device_get(src)).items()}, tmp_path / "model.pt")
+    config.init.checkpoint = str(tmp_path / "model.pt")
+    mesh = sharding.create_mesh(1)
+    shardings = sharding.state_shardings(_abstract_state(exp, opt), mesh)
+    state = _initial_state(config, exp, opt, shardings)
+    jax.tree.map(np.testing.assert_array_equal, state.params, src)
+    jax.tree.map(np.testing.assert_array_equal, state.ema[ema_key(0.9999)], src)
+    assert all(isinstance(x.sharding, jax.sharding.NamedSharding) for x in jax.tree.leaves(state.params))

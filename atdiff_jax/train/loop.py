@@ -25,8 +25,8 @@ from atdiff_jax.data.pipeline import create_train_iterator
 from atdiff_jax.eval import samples as samples_lib
 from atdiff_jax.train import checkpoint as ckpt
 from atdiff_jax.train import sharding
-from atdiff_jax.train.experiment import (Experiment, build_experiment, build_optimizer,
-                                         lr_schedule)
+from atdiff_jax.train.experiment import (ConfigError, Experiment, build_experiment,
+                                         build_optimizer, lr_schedule)
 from atdiff_jax.train.state import TrainState, create_state, ema_key, init_params
 from atdiff_jax.train.step import make_train_step
 
@@ -82,16 +82,28 @@ def _initial_params(config, experiment: Experiment) -> tuple[Any, Any | None]:
     return params, ema
 
 
-def _compile_state(config, experiment, optimizer, mesh):
-    """Abstract state, its shardings, and a jitted initialiser placing it on the mesh."""
-    def init():
-        params, ema = _initial_params(config, experiment)
-        return create_state(experiment, optimizer, params, ema)
-
-    abstract = jax.eval_shape(lambda: create_state(
+def _abstract_state(experiment, optimizer) -> TrainState:
+    """Shapes and dtypes of the train state (nothing is computed or allocated)."""
+    return jax.eval_shape(lambda: create_state(
         experiment, optimizer, init_params(experiment, jax.random.key(0))))
-    shardings = sharding.state_shardings(abstract, mesh)
-    return abstract, shardings, init
+
+
+def _initial_state(config, experiment, optimizer, shardings) -> TrainState:
+    """The state of a new run, placed on the mesh with ``shardings``.
+
+    A fresh init runs as one jitted function straight into its shardings. Weights from a PyTorch
+    checkpoint are read on the host (never baked into a compiled program) and each process puts
+    its shards of them on its devices.
+    """
+    if not config.init.checkpoint:
+        return jax.jit(lambda: create_state(
+            experiment, optimizer, _initial_params(config, experiment)[0]),
+            out_shardings=shardings)()
+    params, ema = _initial_params(config, experiment)
+    host = jax.device_get(create_state(experiment, optimizer, params, ema))
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+        host, shardings)
 
 
 def _write_grid(config, experiment, state, mesh, workdir, step, writer):
@@ -117,13 +129,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     lr_fn = lr_schedule(config)
     workdir = os.path.abspath(workdir)
     data_dir = config.data.data_dir or default_data_dir(workdir)
+    if jax.device_count() % config.mesh.fsdp:
+        raise ConfigError(f"config.mesh.fsdp ({config.mesh.fsdp}) must divide the number of "
+                          f"devices ({jax.device_count()})")
     mesh = sharding.create_mesh(config.mesh.fsdp)
     if config.train.global_batch_size % jax.device_count():
-        raise ValueError(f"config.train.global_batch_size ({config.train.global_batch_size}) must "
-                         f"be divisible by the number of devices ({jax.device_count()})")
+        raise ConfigError(f"config.train.global_batch_size ({config.train.global_batch_size}) must "
+                          f"be divisible by the number of devices ({jax.device_count()})")
     if (config.train.global_batch_size // config.train.microbatches) % jax.device_count():
-        raise ValueError("config.train.global_batch_size / config.train.microbatches must be "
-                         f"divisible by the number of devices ({jax.device_count()})")
+        raise ConfigError("config.train.global_batch_size / config.train.microbatches must be "
+                          f"divisible by the number of devices ({jax.device_count()})")
 
     iterator = create_train_iterator(
         dataset=config.data.dataset, data_dir=data_dir, split=config.data.split,
@@ -132,7 +147,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         random_flip=config.data.random_flip, class_cond=config.model.class_cond,
         image_size=config.model.image_size, worker_count=config.data.worker_count)
 
-    abstract, shardings, init = _compile_state(config, experiment, optimizer, mesh)
+    abstract = _abstract_state(experiment, optimizer)
+    shardings = sharding.state_shardings(abstract, mesh)
     manager = ckpt.create_manager(workdir, max_to_keep=config.train.keep_checkpoints)
     step_to_restore = restore_step if restore_step is not None else manager.latest_step()
     if step_to_restore is not None:
@@ -142,7 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         logging.info("resumed from %s step %d", manager.directory, step_to_restore)
     else:
         os.makedirs(workdir, exist_ok=True)
-        state = jax.jit(init, out_shardings=shardings)()
+        state = _initial_state(config, experiment, optimizer, shardings)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
@@ -203,8 +219,7 @@ def _restore_local(workdir: str, step: int | None
         config = ckpt.restore_config(manager, step)
         experiment = build_experiment(config)
         optimizer = build_optimizer(config)
-        abstract = jax.eval_shape(lambda: create_state(
-            experiment, optimizer, init_params(experiment, jax.random.key(0))))
+        abstract = _abstract_state(experiment, optimizer)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
                               abstract)
