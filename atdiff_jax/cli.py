@@ -33,6 +33,8 @@ import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from atdiff_jax.eval import samples as samples_lib  # noqa: E402
+
 COMMANDS = ("train", "sample", "data")
 
 FLAGS = flags.FLAGS
@@ -42,7 +44,7 @@ flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, sampl
 flags.DEFINE_integer("restore_step", None, "train/sample: checkpoint step to start from "
                      "(default: the newest).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host).")
-flags.DEFINE_enum("sampler", "ddim", ["ddim", "iddpm", "dpm_solver"], "sample: sampler.")
+flags.DEFINE_enum("sampler", "ddim", list(samples_lib.SAMPLERS), "sample: sampler.")
 flags.DEFINE_integer("steps", 50, "sample: number of network evaluations (NFE).")
 flags.DEFINE_integer("num", 64, "sample: number of images.")
 flags.DEFINE_integer("batch_size", 64, "sample: images per sampler call.")
@@ -89,7 +91,6 @@ def _train() -> None:
 
 def _sample() -> None:
     import jax.numpy as jnp  # noqa: F401  (jax is initialised before restoring)
-    from atdiff_jax.eval import samples as samples_lib
     from atdiff_jax.train.loop import restore_for_sampling
     if FLAGS.workdir is None:
         raise UsageError("atdiff sample needs --workdir=DIR (a run with checkpoints)")

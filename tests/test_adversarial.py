@@ -12,6 +12,7 @@ from atdiff_jax.adversarial import driver, perturb
 from atdiff_jax.adversarial.perturb import AdversaryConfig
 from atdiff_jax.diffusion.gaussian import create_gaussian_diffusion
 from atdiff_jax.diffusion.objective import denoising_loss
+from atdiff_jax.train.ema import ema_update
 
 SHAPE = (4, 8, 8, 2)
 
@@ -53,7 +54,7 @@ def init_state():
 def apply_update(state, grads, aux):
     upd, opt = OPT.update(grads, state["opt"], state["params"])
     params = optax.apply_updates(state["params"], upd)
-    ema = jax.tree.map(lambda e, p: e * 0.9999 + p * (1 - 0.9999), state["ema"], params)
+    ema = ema_update(state["ema"], params, 0.9999)
     return {"params": params, "opt": opt, "ema": ema, "updates": state["updates"] + 1}
 
 

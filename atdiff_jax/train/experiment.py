@@ -15,10 +15,10 @@ from atdiff_jax.convert.guided_diffusion import create_model
 from atdiff_jax.diffusion.gaussian import GaussianDiffusion, create_gaussian_diffusion
 from atdiff_jax.diffusion.schedules import SCHEDULES
 from atdiff_jax.diffusion.timestep_sampler import SAMPLERS, TimestepSampler
+from atdiff_jax.eval.samples import SAMPLERS as GRID_SAMPLERS
 from atdiff_jax.models.unet import UNetModel
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-GRID_SAMPLERS = ("ddim", "iddpm", "dpm_solver")
 
 
 class ConfigError(ValueError):

@@ -221,8 +221,7 @@ def _restore_local(workdir: str, step: int | None
         optimizer = build_optimizer(config)
         abstract = _abstract_state(experiment, optimizer)
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device),
-                              abstract)
+        target = ckpt.abstract_with_shardings(abstract, jax.tree.map(lambda _: device, abstract))
         state, _, _ = ckpt.restore(manager, step, target)
     finally:
         manager.close()
