@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "clu>=0.0.12",
     "absl-py>=2.1",
     "pillow>=10.0",
+    "matplotlib>=3.8",  # evaluation plots (metric vs NFE, robustness curves)
     # Data: TFDS datasets read without TensorFlow through tfds.data_source + grain (ArrayRecord).
     "tensorflow-datasets>=4.9.10",
     "grain>=0.2.18",
@@ -37,6 +38,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["atdiff_jax", "atdiff_jax.*"]),
+    # The MNIST evaluation classifier's weights (atdiff_jax.eval.mnist_fd) ship with the package.
+    package_data={"atdiff_jax": ["assets/*.msgpack", "assets/*.json"]},
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["atdiff=atdiff_jax.cli:run"]},
