@@ -2,11 +2,17 @@
 
   atdiff train  --config=configs/mnist_adm_at.py --workdir=runs/mnist_at [--config.adv.steps=3 ...]
   atdiff sample --workdir=runs/mnist_at --sampler=ddim|iddpm|dpm_solver --steps=N --num=M --out=PATH
+  atdiff train  --config=configs/mnist_cd_at.py --workdir=runs/mnist_cd_at \\
+      --config.teacher.workdir=runs/mnist_adm
+  atdiff sample --workdir=runs/mnist_cd_at --sampler=cm_onestep|cm_multistep --steps=N
   atdiff data prepare --dataset=mnist32 [--data_dir=DIR]
 
 ``train`` resumes automatically from the newest checkpoint in the workdir. ``sample`` reads the
 config from the checkpoint, restores the EMA params on whatever devices exist and writes
 ``PATH.npz`` (uint8 images [N, H, W, C], labels for class-conditional models) and ``PATH.png``.
+A consistency-model workdir (its saved config has ``cm.kind != "none"``) is sampled with
+``cm_onestep`` (the default there; one network evaluation) or ``cm_multistep`` (``--steps``
+evaluations).
 Multi-host: pass ``--distributed`` to every process; it calls ``jax.distributed.initialize`` with
 the coordinator, process count and process id taken from these environment variables when they are
 set, and from JAX's cluster auto-detection (Cloud TPU, SLURM, Open MPI, ...) otherwise:
@@ -44,8 +50,12 @@ flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, sampl
 flags.DEFINE_integer("restore_step", None, "train/sample: checkpoint step to start from "
                      "(default: the newest).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host).")
-flags.DEFINE_enum("sampler", "ddim", list(samples_lib.SAMPLERS), "sample: sampler.")
-flags.DEFINE_integer("steps", 50, "sample: number of network evaluations (NFE).")
+flags.DEFINE_enum("sampler", "ddim", list(samples_lib.SAMPLERS) + list(samples_lib.CM_SAMPLERS),
+                  "sample: sampler (DPM runs: ddim, iddpm, dpm_solver; consistency-model runs: "
+                  "cm_onestep (default there), cm_multistep).")
+flags.DEFINE_integer("steps", 50, "sample: number of network evaluations (NFE); cm_onestep: 1.")
+flags.DEFINE_float("guidance_w", None, "sample: guided LCM runs: guidance scale w (default: the "
+                   "run's config.cm.lcm.sample_w).")
 flags.DEFINE_integer("num", 64, "sample: number of images.")
 flags.DEFINE_integer("batch_size", 64, "sample: images per sampler call.")
 flags.DEFINE_float("eps_scale", 1.0, "sample: epsilon scaling (ES) factor for ddim/iddpm.")
@@ -98,12 +108,31 @@ def _sample() -> None:
         raise UsageError("--num, --steps and --batch_size must be >= 1")
     module, params, experiment, config = restore_for_sampling(
         FLAGS.workdir, step=FLAGS.restore_step, ema_rate=FLAGS.ema_rate)
+    sampler, steps = FLAGS.sampler, FLAGS.steps
+    if experiment.cm is not None:
+        if not FLAGS["sampler"].present:
+            sampler = "cm_onestep"
+        if sampler not in samples_lib.CM_SAMPLERS:
+            raise UsageError(f"{FLAGS.workdir} is a consistency-model run (cm.kind="
+                             f"{experiment.cm.kind!r}): use --sampler=cm_onestep or "
+                             f"--sampler=cm_multistep --steps=N, not {sampler!r}")
+        if sampler == "cm_onestep":
+            steps = 1
+        if experiment.cm.kind == "lcm":
+            from atdiff_jax.consistency.lcm import ddim_timesteps
+            n = len(ddim_timesteps(experiment.diffusion.num_timesteps, experiment.cm.lcm.skip))
+            if steps > n:
+                raise UsageError(f"--steps={steps}: this LCM run has {n} DDIM timesteps "
+                                 f"(diffusion.steps / cm.lcm.skip); use --steps <= {n}")
+    elif sampler in samples_lib.CM_SAMPLERS:
+        raise UsageError(f"{FLAGS.workdir} is a diffusion (DPM) run: --sampler={sampler} needs a "
+                         f"consistency-model run; use one of {samples_lib.SAMPLERS}")
     images, labels = samples_lib.generate(
         module, params, experiment.diffusion, num=FLAGS.num, image_shape=experiment.image_shape,
-        rng=jax.random.key(FLAGS.seed), sampler=FLAGS.sampler, steps=FLAGS.steps,
+        rng=jax.random.key(FLAGS.seed), sampler=sampler, steps=steps,
         batch_size=min(FLAGS.batch_size, FLAGS.num), eps_scale=FLAGS.eps_scale,
-        num_classes=config.model.num_classes if experiment.class_cond else None)
-    out = FLAGS.out or os.path.join(FLAGS.workdir, "samples", f"{FLAGS.sampler}{FLAGS.steps}")
+        num_classes=experiment.sample_classes, cm=experiment.cm, guidance_w=FLAGS.guidance_w)
+    out = FLAGS.out or os.path.join(FLAGS.workdir, "samples", f"{sampler}{steps}")
     npz, png = samples_lib.save_samples(images, labels, out)
     print(f"wrote {len(images)} samples to {npz} and {png}")
 

@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
     m.num_classes = 10               # classes when class_cond
     m.dtype = "float32"              # compute dtype: "float32" or "bfloat16" (params stay float32)
     m.use_checkpoint = False         # rematerialise res/attention blocks (memory for compute)
+    m.norm_groups = 32               # GroupNorm groups (32 = guided-diffusion). Use fewer for narrow
+                                     # models: 32 channels / 32 groups is a per-channel norm that
+                                     # erases each image's mean (grey sample backgrounds); 8 fixes it
 
     # ---------------------------------------------------------------- diffusion (create_gaussian_diffusion)
     c.diffusion = g = ml_collections.ConfigDict()
@@ -85,8 +88,13 @@ def get_config() -> ml_collections.ConfigDict:
     t.keep_checkpoints = 3
     t.sample_every = 5000            # minibatches between EMA sample grids (0 = never)
     t.num_samples = 64               # images in each sample grid
-    t.sampler = "ddim"               # sampler for the grids: "ddim" | "iddpm" | "dpm_solver"
+    t.sampler = "ddim"               # sampler for the grids: "ddim" | "iddpm" | "dpm_solver" (DPM);
+                                     # "cm_onestep" | "cm_multistep" (consistency models)
     t.sample_steps = 50
+    t.label_dropout = 0.0            # DPM, class_cond: probability of replacing a label by the
+                                     # null class num_classes - 1 (classifier-free guidance
+                                     # training; the labels must be < num_classes - 1, so
+                                     # MNIST/CIFAR-10 need num_classes = 11)
 
     # ---------------------------------------------------------------- initialisation / fine-tuning
     c.init = i = ml_collections.ConfigDict()
@@ -94,6 +102,71 @@ def get_config() -> ml_collections.ConfigDict:
     i.checkpoint_sha256 = ""         # optional sha256 of that file
     i.ema_checkpoint = ""            # optional .pt of EMA weights to start the EMA from
     i.ema_checkpoint_sha256 = ""
+
+    # ------------------------------------------------------- consistency models (SPEC §1.6, §2.3)
+    # cm.kind = "none" trains the DPM above. Otherwise the run trains a consistency model (the
+    # student) with the same data, adversary (adv.*: K inner updates with δ on the student's input;
+    # adv.target_type is a DPM option, see teacher_from_perturbed), optimizer and loop; its EMA
+    # copies (train.ema_rates) are what `atdiff sample` uses (--sampler=cm_onestep|cm_multistep).
+    # diffusion.schedule_sampler is unused; diffusion.* must describe the teacher's chain for lcm.
+    c.cm = cm = ml_collections.ConfigDict()
+    cm.kind = "none"                 # "none" (DPM) | "cd" (Karras/EDM consistency distillation
+                                     # from the DPM in teacher.workdir, via vp_denoiser) | "ct"
+                                     # (consistency training, no teacher) | "lcm" (LCM-style
+                                     # distillation in VP space: DDIM skipping-step solver, CFG,
+                                     # Huber loss; see cm.lcm)
+    cm.init_from_teacher = True      # start the student (and its target/EMA) from the teacher's
+                                     # EMA params (ct: only when teacher.workdir is set); then
+                                     # config.model must describe the teacher's network (checked)
+    cm.teacher_from_perturbed = True  # AT: the teacher's ODE/DDIM step starts from x_t + δ, so the
+                                     # target moves with δ, the analogue of the DPM recipe's
+                                     # delta_detach (target ε + δ/sqrt(1 - abar) moves with δ): a
+                                     # perturbed input is mapped along the trajectory through it,
+                                     # not onto the clean point's. False: the step starts from the
+                                     # clean x_t (the target ignores δ). SPEC §1.6 leaves it open.
+    # The target network θ⁻ = EMA of the student (stop-gradient), updated after EVERY optimizer
+    # update, i.e. after each of the K inner updates of fast AT (each is a full update, as in the
+    # DPM recipe). Its rate and the number of discretisation points N follow openai CM's
+    # create_ema_and_scales_fn, evaluated at the minibatch count:
+    cm.target_ema_mode = "fixed"     # "fixed" | "adaptive" (CT: rate from N)
+    cm.start_ema = 0.95              # target EMA rate (CD in the paper: 0.95; LCM: 0.95)
+    cm.scale_mode = "fixed"          # "fixed" | "progressive" (CT) | "progdist"
+    cm.start_scales = 40             # N (CD: 18 or 40); first N for progressive
+    cm.end_scales = 40               # last N for progressive
+    cm.total_steps = 0               # minibatches of the progressive schedule (0: num_minibatches)
+    cm.distill_steps_per_iter = 50000  # progdist only
+    # cd / ct (Karras/EDM parameterisation; δ lives in the EDM scale of x_t = x0 + sigma z)
+    cm.loss_norm = "l2"              # cd/ct: "l2" | "l1" | "l2-32" | "pseudo_huber";
+                                     # lcm: "l2" | "huber"
+    cm.huber_c = 0.0                 # pseudo-Huber c; 0 = the default (cd/ct: 0.00054 sqrt(H W C);
+                                     # lcm: 0.001)
+    cm.solver = "heun"               # cd: "heun" | "euler" (ct: the Euler step with x0)
+    cm.sigma_min = 0.002             # a VP teacher is clamped to its own sigma range (cosine,
+    cm.sigma_max = 80.0              # T=1000: from 0.006), below it its t=0 prediction is used
+    cm.rho = 7.0
+    cm.sigma_data = 0.5
+    cm.weight_schedule = "uniform"   # "uniform" | "snr" | "snr+1" | "karras" | "truncated-snr"
+    # lcm (VP parameterisation; δ lives in VP scale like the DPM's)
+    cm.lcm = lcm = ml_collections.ConfigDict()
+    lcm.skip = 20                    # k: DDIM timesteps t_n = n k - 1 of the teacher's chain
+    lcm.timestep_scaling = 10.0      # s: c_skip = sd^2/((t s)^2 + sd^2),
+    lcm.sigma_data = 0.5             # sd: c_out = t s / sqrt((t s)^2 + sd^2)
+    lcm.guidance = False             # classifier-free guidance: w ~ U[w_min, w_max] fed to the
+                                     # student through a guidance embedding; the teacher must be
+                                     # class-conditional and trained with train.label_dropout > 0
+                                     # (its null class num_classes - 1 is the unconditional
+                                     # branch): eps = eps_c + w (eps_c - eps_null)
+    lcm.w_min = 0.0
+    lcm.w_max = 2.0
+    lcm.sample_w = 1.0               # w of `atdiff sample` and the grids (in [w_min, w_max])
+    lcm.guidance_embed_dim = 256     # width of the sinusoidal w embedding
+
+    # ---------------------------------------------------------------- teacher (cm.kind cd / lcm)
+    c.teacher = tc = ml_collections.ConfigDict()
+    tc.workdir = ""                  # a DPM run directory (cm.kind="none"): its EMA params are
+                                     # restored with restore_for_sampling, on any device count
+    tc.ema_rate = 0.0                # which EMA copy (0 = the teacher run's first ema_rates)
+    tc.step = -1                     # which checkpoint (-1 = the newest)
 
     # ---------------------------------------------------------------- parallelism
     c.mesh = s = ml_collections.ConfigDict()

@@ -296,3 +296,32 @@ def test_fresh_init_follows_torch_defaults():
     # With the zero output conv a fresh block is its skip connection.
     skip = jax.jit(lambda: nn.Conv(64, (1, 1)).apply({"params": p["skip_connection"]}, x))()
     np.testing.assert_allclose(jax.jit(block.apply)(variables, x, emb), skip, atol=1e-6)
+
+
+def test_norm_groups_sets_every_groupnorm():
+    """``norm_groups`` reaches every GroupNorm (checked against a hand-computed out_0 norm)."""
+    kw = dict(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1,2",
+              attention_resolutions="4", in_channels=1, num_head_channels=32)
+    m32, m8 = create_model(**kw), create_model(**kw, norm_groups=8)
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 1)), jnp.float32)
+    t = jnp.array([10, 500])
+    params = m8.init(jax.random.key(0), x, t)["params"]
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(jax.random.key(1), p.shape),
+                          params)  # the zero-initialised convs would hide the difference
+    assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+        jnp.shape, m32.init(jax.random.key(0), x, t)["params"])  # same params
+    assert not np.allclose(m8.apply({"params": params}, x, t), m32.apply({"params": params}, x, t))
+
+    # The output norm: undo its affine part; what is left is normalised per (image, group of 4).
+    _, inter = m8.apply({"params": params}, x, t, capture_intermediates=True)
+    gn_out = inter["intermediates"]["out_0"]["__call__"][0]
+    assert gn_out.shape[-1] == 32
+    g = np.asarray(gn_out, np.float64).reshape(2, 8, 8, 8, 4)
+    scale = np.asarray(params["out_0"]["scale"]).reshape(8, 4)
+    bias = np.asarray(params["out_0"]["bias"]).reshape(8, 4)
+    z = (g - bias) / scale  # the normalised values: zero mean, unit variance per (image, group)
+    np.testing.assert_allclose(z.mean(axis=(1, 2, 4)), 0, atol=1e-4)
+    np.testing.assert_allclose(z.var(axis=(1, 2, 4)), 1, atol=1e-2)
+    assert np.abs(z.mean(axis=(1, 2))).max() > 0.05  # per-channel means survive inside a group
+    with pytest.raises(ValueError, match="multiple of the 7 GroupNorm groups"):
+        create_model(**kw, norm_groups=7).init(jax.random.key(0), x, t)

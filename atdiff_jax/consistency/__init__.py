@@ -6,9 +6,13 @@
   the student's input (``consistency_loss(params, delta, rng, *, batch, ...)``).
 * ``schedule``: ``create_ema_and_scales_fn`` (target EMA rate and N per training step).
 * ``samplers``: one-step, multistep and EDM Heun sampling (``karras_sample``).
+* ``lcm``: latent-consistency-style distillation from a VP epsilon teacher (DDIM skipping-step
+  solver, LCM boundary scalings, classifier-free guidance, Huber loss, optional latent mode):
+  ``lcm_loss(params, delta, rng, *, batch, ...)`` and ``lcm_sample``.
 * ``checkpoint``: openai/consistency_models UNet state dicts -> this project's UNet params.
 
-Everything reproduces the official PyTorch code (``tests/testdata/cm_reference``).
+The Karras/EDM parts reproduce the official PyTorch code (``tests/testdata/cm_reference``); the
+LCM part follows diffusers' ``train_lcm_distill_sd_wds.py`` (tested by its exact properties).
 """
 from atdiff_jax.consistency.checkpoint import (
     cm_create_model_kwargs,
@@ -24,6 +28,16 @@ from atdiff_jax.consistency.karras import (
     karras_sigmas,
     rescale_sigma,
     vp_denoiser,
+)
+from atdiff_jax.consistency.lcm import (
+    LCMSettings,
+    ddim_timesteps,
+    lcm_denoise,
+    lcm_loss,
+    lcm_sample,
+    lcm_sample_timesteps,
+    lcm_scalings,
+    sample_lcm_inputs,
 )
 from atdiff_jax.consistency.losses import (
     LOSS_NORMS,
@@ -43,6 +57,7 @@ from atdiff_jax.consistency.schedule import create_ema_and_scales_fn
 __all__ = [
     "LOSS_NORMS",
     "KarrasDenoiser",
+    "LCMSettings",
     "boundary_scalings",
     "cm_create_model_kwargs",
     "cm_to_guided_state_dict",
@@ -52,13 +67,20 @@ __all__ = [
     "consistency_sigmas",
     "consistency_training_loss",
     "create_ema_and_scales_fn",
+    "ddim_timesteps",
     "denoise",
     "edm_scalings",
     "karras_sample",
     "karras_sigmas",
+    "lcm_denoise",
+    "lcm_loss",
+    "lcm_sample",
+    "lcm_sample_timesteps",
+    "lcm_scalings",
     "rescale_sigma",
     "sample_heun",
     "sample_indices_and_noise",
+    "sample_lcm_inputs",
     "sample_multistep",
     "sample_onestep",
     "vp_denoiser",

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from atdiff_jax.diffusion.gaussian import create_gaussian_diffusion
-from atdiff_jax.models.unet import UNetModel
+from atdiff_jax.models.unet import NUM_GROUPS, UNetModel
 
 __all__ = [
     "NUM_CLASSES",
@@ -158,6 +158,7 @@ def create_model(
     in_channels: int = 3,
     num_classes: int | None = None,
     dtype: Any = None,
+    norm_groups: int = NUM_GROUPS,
 ) -> UNetModel:
     """The ``UNetModel`` that guided-diffusion's ``script_util.create_model`` builds.
 
@@ -172,6 +173,8 @@ def create_model(
     ``2 * in_channels`` channels); ``num_classes`` overrides 1000 (needs ``class_cond=True``);
     ``dtype`` sets the compute dtype. ``use_fp16=True`` selects bfloat16 (``FP16_DTYPE``) unless
     ``dtype`` is given. ``use_checkpoint`` rematerialises blocks (memory only, same values).
+    ``norm_groups`` is the GroupNorm group count (32 in every guided-diffusion checkpoint; see
+    ``UNetModel`` for why narrow models need fewer).
     """
     channel_mult = _parse_channel_mult(channel_mult, image_size)
     attention_ds = _parse_attention_resolutions(attention_resolutions, image_size)
@@ -197,6 +200,7 @@ def create_model(
         resblock_updown=bool(resblock_updown),
         use_new_attention_order=bool(use_new_attention_order),
         dtype=dtype,
+        norm_groups=norm_groups,
     )
 
 

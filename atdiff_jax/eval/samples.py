@@ -1,4 +1,9 @@
-"""Generating images from a trained model with any of the samplers, and saving them."""
+"""Generating images from a trained model with any of the samplers, and saving them.
+
+DPM runs use ``SAMPLERS`` (``sampler_fn``); consistency-model runs (``config.cm.kind != "none"``)
+use ``CM_SAMPLERS`` (``cm_sampler_fn``): ``cm_onestep`` (one network evaluation) and
+``cm_multistep`` (``steps`` evaluations, re-noising in between).
+"""
 from __future__ import annotations
 
 import os
@@ -9,10 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
+from atdiff_jax.consistency.lcm import lcm_sample
+from atdiff_jax.consistency.samplers import karras_sample
 from atdiff_jax.diffusion.dpm_solver import dpm_solver_sample
 from atdiff_jax.diffusion.gaussian import GaussianDiffusion
 
 SAMPLERS = ("ddim", "iddpm", "dpm_solver")
+CM_SAMPLERS = ("cm_onestep", "cm_multistep")
 
 
 def sampler_fn(model, diffusion: GaussianDiffusion, *, sampler: str, steps: int,
@@ -46,14 +54,70 @@ def sampler_fn(model, diffusion: GaussianDiffusion, *, sampler: str, steps: int,
     return jax.jit(run)
 
 
-def generate(model, params: Any, diffusion: GaussianDiffusion, *, num: int, image_shape,
+def multistep_ts(num_scales: int, steps: int) -> tuple[int, ...]:
+    """Time indices of ``steps``-evaluation Karras multistep sampling: ``steps + 1`` points evenly
+    spread over a ``max(num_scales, steps + 1)``-point schedule, e.g. (0, 20, 39) for 2 of 40."""
+    n = max(int(num_scales), int(steps) + 1)
+    return tuple(int(round(v)) for v in np.linspace(0, n - 1, int(steps) + 1))
+
+
+def cm_sampler_fn(model, cm, *, sampler: str, steps: int,
+                  diffusion: GaussianDiffusion | None = None, guidance_w: float | None = None):
+    """A jitted ``fn(params, noise, rng, y) -> x_0`` in [-1, 1] for a consistency model.
+
+    ``cm`` is the run's ``CMSettings`` (``atdiff_jax.train.experiment``). Karras runs (cd/ct):
+    ``cm_onestep`` is ``f(sigma_max z, sigma_max)``; ``cm_multistep`` the stochastic multistep
+    sampler at ``multistep_ts(cm.sample_scales, steps)``. LCM runs: ``lcm_sample`` with 1 or
+    ``steps`` steps over the teacher's ``diffusion`` (the guidance scale ``guidance_w``, default
+    ``cm.sample_w``, for a guided student).
+    """
+    if sampler not in CM_SAMPLERS:
+        raise ValueError(f"sampler must be one of {CM_SAMPLERS} for a consistency model, got "
+                         f"{sampler!r}")
+    nfe = 1 if sampler == "cm_onestep" else int(steps)
+
+    def apply_fn(params, x, t, y, rng, **kw):
+        return model.apply({"params": params}, x, t, y=y, train=False, **kw)
+
+    if cm.kind == "lcm":
+        if diffusion is None:
+            raise ValueError("an LCM student samples over its teacher's chain: pass diffusion")
+        w = cm.sample_w if guidance_w is None else float(guidance_w)
+
+        def run(params, noise, rng, y):
+            return lcm_sample(apply_fn, params, noise, diffusion=diffusion, settings=cm.lcm,
+                              steps=nfe, y=y, w=w if cm.lcm.guidance else None, rng=rng)
+
+        return jax.jit(run)
+    den = cm.denoiser
+
+    def run(params, noise, rng, y):
+        denoise_fn = den.denoise_fn(apply_fn, params, y=y)
+        kw = dict(clip_denoised=True, sigma_min=den.sigma_min, sigma_max=den.sigma_max,
+                  rho=den.rho)
+        if nfe == 1 and sampler == "cm_onestep":
+            return karras_sample(denoise_fn, noise, sampler="onestep", steps=cm.sample_scales, **kw)
+        ts = multistep_ts(cm.sample_scales, nfe)
+        return karras_sample(denoise_fn, noise, sampler="multistep", ts=ts,
+                             steps=max(cm.sample_scales, nfe + 1), rng=rng, **kw)
+
+    return jax.jit(run)
+
+
+def generate(model, params: Any, diffusion: GaussianDiffusion | None, *, num: int, image_shape,
              rng: jax.Array, sampler: str = "ddim", steps: int = 50, batch_size: int = 64,
-             num_classes: int | None = None, eps_scale: float = 1.0) -> tuple[np.ndarray, np.ndarray | None]:
+             num_classes: int | None = None, eps_scale: float = 1.0, cm=None,
+             guidance_w: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """``num`` samples as uint8 [num, H, W, C] (and their labels for class-conditional models).
 
+    A consistency model passes its ``CMSettings`` as ``cm`` and a ``CM_SAMPLERS`` sampler.
     Batch b uses ``fold_in(rng, b)``: the result does not depend on anything but the arguments.
     """
-    fn = sampler_fn(model, diffusion, sampler=sampler, steps=steps, eps_scale=eps_scale)
+    if cm is not None:
+        fn = cm_sampler_fn(model, cm, sampler=sampler, steps=steps, diffusion=diffusion,
+                           guidance_w=guidance_w)
+    else:
+        fn = sampler_fn(model, diffusion, sampler=sampler, steps=steps, eps_scale=eps_scale)
     images, labels = [], []
     for b, start in enumerate(range(0, num, batch_size)):
         n = min(batch_size, num - start)

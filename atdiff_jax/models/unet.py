@@ -34,7 +34,7 @@ import flax.linen as nn
 Array = jax.Array
 Dtype = Any
 
-__all__ = ["UNetModel", "timestep_embedding", "NUM_GROUPS"]
+__all__ = ["UNetModel", "guidance_scale_embedding", "timestep_embedding", "NUM_GROUPS"]
 
 NUM_GROUPS = 32  # guided-diffusion's normalization(): GroupNorm32(32, channels), eps 1e-5
 GROUPNORM_EPS = 1e-5
@@ -58,6 +58,28 @@ def timestep_embedding(timesteps: Array, dim: int, max_period: float = 10000.0) 
     freqs = jnp.exp(exponent / jnp.float32(half))
     args = jnp.asarray(timesteps).astype(jnp.float32)[:, None] * freqs[None]
     emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+    if dim % 2:
+        emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
+    return emb
+
+
+def guidance_scale_embedding(w: Array, dim: int) -> Array:
+    """Sinusoidal embedding of classifier-free guidance scales (LCM's ``guidance_scale_embedding``).
+
+    Args:
+      w: [B] guidance scales (floats).
+      dim: embedding width.
+
+    Returns:
+      [B, dim] float32: ``sin(1000 w f_i)`` for the first ``dim // 2`` columns, then
+      ``cos(1000 w f_i)``, with ``f_i = exp(-log(10000) * i / (dim // 2 - 1))`` (a zero column is
+      appended if ``dim`` is odd), as in latent consistency distillation.
+    """
+    half = dim // 2
+    scale = math.log(10000.0) / max(half - 1, 1)
+    freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * jnp.float32(-scale))
+    args = (jnp.asarray(w, jnp.float32) * 1000.0)[:, None] * freqs[None]
+    emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
     if dim % 2:
         emb = jnp.concatenate([emb, jnp.zeros_like(emb[:, :1])], axis=-1)
     return emb
@@ -100,9 +122,9 @@ def _dense(features: int, fan_in: int, *, name: str, dtype: Dtype, zero: bool = 
                     bias_init=zeros if zero else _torch_bias_init(fan_in), name=name)
 
 
-def _group_norm(x: Array, name: str) -> Array:
-    """GroupNorm32: 32 groups, eps 1e-5, computed in float32, result cast back to x.dtype."""
-    y = nn.GroupNorm(num_groups=NUM_GROUPS, epsilon=GROUPNORM_EPS, dtype=jnp.float32,
+def _group_norm(x: Array, name: str, groups: int = NUM_GROUPS) -> Array:
+    """GroupNorm (guided-diffusion: 32 groups), eps 1e-5, in float32, cast back to x.dtype."""
+    y = nn.GroupNorm(num_groups=groups, epsilon=GROUPNORM_EPS, dtype=jnp.float32,
                      param_dtype=jnp.float32, use_fast_variance=False, name=name)(
                          x.astype(jnp.float32))
     return y.astype(x.dtype)
@@ -141,12 +163,13 @@ class ResBlock(nn.Module):
     down: bool = False
     deterministic: bool = True
     dtype: Dtype = jnp.float32
+    norm_groups: int = NUM_GROUPS
 
     @nn.compact
     def __call__(self, x: Array, emb: Array) -> Array:
         """x: [B, H, W, C_in] (compute dtype); emb: [B, E] float32 -> [B, H', W', C_out]."""
         c_in, c_out = x.shape[-1], self.out_channels
-        h = nn.silu(_group_norm(x, "in_layers_0"))
+        h = nn.silu(_group_norm(x, "in_layers_0", self.norm_groups))
         if self.up:
             h, x = _upsample_nearest(h), _upsample_nearest(x)
         elif self.down:
@@ -158,9 +181,9 @@ class ResBlock(nn.Module):
             nn.silu(emb)).astype(h.dtype)[:, None, None, :]
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
-            h = _group_norm(h, "out_layers_0") * (1 + scale) + shift
+            h = _group_norm(h, "out_layers_0", self.norm_groups) * (1 + scale) + shift
         else:
-            h = _group_norm(h + emb_out, "out_layers_0")
+            h = _group_norm(h + emb_out, "out_layers_0", self.norm_groups)
         h = nn.silu(h)
         if self.dropout > 0:
             h = nn.Dropout(rate=self.dropout, deterministic=self.deterministic)(h)
@@ -181,6 +204,7 @@ class AttentionBlock(nn.Module):
     num_heads: int
     new_order: bool = False
     dtype: Dtype = jnp.float32
+    norm_groups: int = NUM_GROUPS
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -188,7 +212,8 @@ class AttentionBlock(nn.Module):
         b, hh, ww, c = x.shape
         heads = self.num_heads
         ch = c // heads
-        qkv = _dense(3 * c, c, name="qkv", dtype=self.dtype)(_group_norm(x, "norm"))
+        qkv = _dense(3 * c, c, name="qkv", dtype=self.dtype)(
+            _group_norm(x, "norm", self.norm_groups))
         if self.new_order:
             qkv = qkv.reshape(b, hh * ww, 3, heads, ch)
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -284,6 +309,19 @@ class UNetModel(nn.Module):
       use_checkpoint: rematerialise residual and attention blocks in the backward pass
         (``nn.remat``); changes memory use only, never the values.
       dtype: compute dtype of the torso (float32, bfloat16, float16). Params are float32.
+      guidance_embed_dim: if set, the model also takes a classifier-free guidance scale ``w`` [B]
+        (a latent-consistency-distillation student): ``guidance_proj``, a bias-free Dense layer
+        initialised to zero, maps ``guidance_scale_embedding(w, guidance_embed_dim)`` to
+        ``model_channels`` and adds it to the sinusoidal timestep embedding before the time MLP
+        (diffusers' ``time_cond_proj_dim``). Zero init: the student starts as exactly the network
+        whose other params it copies (e.g. its teacher). None (default): no such input or param.
+      norm_groups: groups of every GroupNorm; 32 is guided-diffusion's ``normalization()`` and
+        the only value its checkpoints use. Narrow models need fewer: with 32 channels and 32
+        groups every GroupNorm is a per-channel instance norm, and the final ``out_0`` norm then
+        erases each image's mean, so the network cannot predict the mean of epsilon (the per-image
+        mean of its error equals that of the noise, 1/sqrt(H*W*C)) and samples get grey or white
+        backgrounds at any training length. 8 groups (4 channels each, as ADM's 128-channel
+        CIFAR-10 model has) fixes that for a 32-channel model.
     """
     image_size: int
     in_channels: int
@@ -303,6 +341,8 @@ class UNetModel(nn.Module):
     use_new_attention_order: bool = False
     use_checkpoint: bool = False
     dtype: Dtype = jnp.float32
+    guidance_embed_dim: int | None = None
+    norm_groups: int = NUM_GROUPS
 
     def __post_init__(self):
         super().__post_init__()
@@ -380,7 +420,7 @@ class UNetModel(nn.Module):
             if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"UNetModel.{name} must be a positive int, got {v!r}")
 
-        for name in ("image_size", "in_channels", "model_channels", "out_channels"):
+        for name in ("image_size", "in_channels", "model_channels", "out_channels", "norm_groups"):
             positive_int(name)
         if not isinstance(self.num_res_blocks, numbers.Integral) or self.num_res_blocks < 0:
             raise ValueError(f"UNetModel.num_res_blocks must be an int >= 0, got "
@@ -406,24 +446,26 @@ class UNetModel(nn.Module):
         if self.num_head_channels != -1 and self.num_head_channels < 1:
             raise ValueError("UNetModel.num_head_channels must be -1 (use num_heads) or >= 1, got "
                              f"{self.num_head_channels}")
+        if self.guidance_embed_dim is not None:
+            positive_int("guidance_embed_dim")
         if not jnp.issubdtype(jnp.dtype(self.dtype), jnp.floating):
             raise ValueError(f"UNetModel.dtype must be a floating dtype, got {self.dtype!r}")
-        # Every GroupNorm has 32 groups, so every normalised width must be a multiple of 32.
+        # Every normalised width must be a multiple of the GroupNorm group count.
         inputs, middle, outputs = self.blocks()  # also checks the attention head counts
         for block in (*inputs, middle, *outputs):
             for j, layer in enumerate(block.layers):
                 widths = {"res": (layer.in_ch, layer.out_ch), "attn": (layer.in_ch,)}.get(
                     layer.kind, ())
                 for w in widths:
-                    if w % NUM_GROUPS:
+                    if w % self.norm_groups:
                         raise ValueError(
                             f"{block.name}_{j} ({layer.kind}) normalises {w} channels, which is not a "
-                            f"multiple of the {NUM_GROUPS} GroupNorm groups; choose "
-                            "model_channels/channel_mult so that every width is")
+                            f"multiple of the {self.norm_groups} GroupNorm groups; choose "
+                            "model_channels/channel_mult (or norm_groups) so that every width is")
 
     # -- forward ---------------------------------------------------------------------------
 
-    def _check_inputs(self, x: Array, t: Array, y: Array | None) -> None:
+    def _check_inputs(self, x: Array, t: Array, y: Array | None, w: Array | None = None) -> None:
         if x.ndim != 4 or x.shape[-1] != self.in_channels:
             hint = (" (it looks like NCHW; transpose to NHWC)"
                     if x.ndim == 4 and x.shape[1] == self.in_channels else "")
@@ -448,6 +490,14 @@ class UNetModel(nn.Module):
                 raise ValueError(f"y must have shape [B]=({x.shape[0]},), got {jnp.shape(y)}")
             if not jnp.issubdtype(jnp.result_type(y), jnp.integer):
                 raise ValueError(f"y must hold integer class labels, got dtype {jnp.result_type(y)}")
+        if self.guidance_embed_dim is None:
+            if w is not None:
+                raise ValueError("w (guidance scale) was given but the model has no guidance "
+                                 "embedding (guidance_embed_dim=None)")
+        elif w is None or jnp.shape(w) != (x.shape[0],):
+            raise ValueError(f"the model takes a guidance scale (guidance_embed_dim="
+                             f"{self.guidance_embed_dim}): w must have shape [B]=({x.shape[0]},), "
+                             f"got {None if w is None else jnp.shape(w)}")
 
     def _block(self, block: _Block, h: Array, emb: Array, train: bool) -> Array:
         res_cls = _RematResBlock if self.use_checkpoint else ResBlock
@@ -459,10 +509,11 @@ class UNetModel(nn.Module):
             elif layer.kind == "res":
                 h = res_cls(layer.out_ch, use_scale_shift_norm=self.use_scale_shift_norm,
                             dropout=self.dropout, up=layer.up, down=layer.down,
-                            deterministic=not train, dtype=self.dtype, name=name)(h, emb)
+                            deterministic=not train, dtype=self.dtype,
+                            norm_groups=self.norm_groups, name=name)(h, emb)
             elif layer.kind == "attn":
                 h = attn_cls(layer.heads, new_order=self.use_new_attention_order,
-                             dtype=self.dtype, name=name)(h)
+                             dtype=self.dtype, norm_groups=self.norm_groups, name=name)(h)
             elif layer.kind == "down":
                 h = Downsample(self.conv_resample, dtype=self.dtype, name=name)(h)
             elif layer.kind == "up":
@@ -472,7 +523,8 @@ class UNetModel(nn.Module):
         return h
 
     @nn.compact
-    def __call__(self, x: Array, t: Array, y: Array | None = None, train: bool = False) -> Array:
+    def __call__(self, x: Array, t: Array, y: Array | None = None, train: bool = False,
+                 w: Array | None = None) -> Array:
         """Predicts the model output (eps, and the variance values if learned) for a noisy batch.
 
         Args:
@@ -480,6 +532,7 @@ class UNetModel(nn.Module):
           t: [B] timesteps, int or float (e.g. 990.996 from DPM-Solver); a scalar is broadcast.
           y: [B] int class labels; required iff ``num_classes`` is set.
           train: enables dropout (needs ``rngs={'dropout': key}`` when ``dropout > 0``).
+          w: [B] float guidance scales; required iff ``guidance_embed_dim`` is set.
 
         Returns:
           [B, H, W, out_channels] float32.
@@ -488,7 +541,7 @@ class UNetModel(nn.Module):
         [B, model_channels], ``time_embed`` [B, 4*model_channels] (before the label embedding is
         added) and ``middle_block`` [B, H/2^L, W/2^L, C_mid].
         """
-        self._check_inputs(x, t, y)
+        self._check_inputs(x, t, y, w)
         if train and self.dropout > 0 and not self.has_rng("dropout"):
             raise ValueError("train=True with dropout > 0 needs a dropout key: "
                              "apply(..., rngs={'dropout': key})")
@@ -498,6 +551,10 @@ class UNetModel(nn.Module):
         t = jnp.broadcast_to(jnp.asarray(t), (x.shape[0],))
         temb = timestep_embedding(t, mc)
         self.sow("intermediates", "timestep_embedding", temb)
+        if self.guidance_embed_dim is not None:
+            temb = temb + nn.Dense(mc, use_bias=False, dtype=jnp.float32, param_dtype=jnp.float32,
+                                   kernel_init=nn.initializers.zeros, name="guidance_proj")(
+                guidance_scale_embedding(w, self.guidance_embed_dim))
         emb = _dense(ted, mc, name="time_embed_0", dtype=jnp.float32)(temb)
         emb = _dense(ted, ted, name="time_embed_2", dtype=jnp.float32)(nn.silu(emb))
         self.sow("intermediates", "time_embed", emb)
@@ -518,6 +575,6 @@ class UNetModel(nn.Module):
             h = jnp.concatenate([h, hs.pop()], axis=-1)
             h = self._block(block, h, emb, train)
 
-        h = nn.silu(_group_norm(h.astype(jnp.float32), "out_0"))
+        h = nn.silu(_group_norm(h.astype(jnp.float32), "out_0", self.norm_groups))
         return _conv(self.out_channels, 3, h.shape[-1], name="out_2", dtype=jnp.float32,
                      zero=True)(h)

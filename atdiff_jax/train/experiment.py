@@ -1,24 +1,45 @@
-"""From a config to the objects of an experiment: network, diffusion, adversary, sampler, optimizer.
+"""From a config to the objects of an experiment: network, diffusion, adversary, sampler, optimizer
+and, for consistency models (``config.cm.kind != "none"``), the CM settings.
 
 ``validate_config`` rejects bad values at start-up with the option's name and the allowed values,
-before anything is compiled or written.
+before anything is compiled or written; ``check_teacher_config`` checks a CM run against the
+config of its teacher run.
 """
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+
 import jax.numpy as jnp
 import ml_collections
 import optax
 
 from atdiff_jax.adversarial.perturb import KINDS, NORMS, RADIUS_SCALINGS, TARGET_TYPES, AdversaryConfig
+from atdiff_jax.consistency.karras import WEIGHT_SCHEDULES, KarrasDenoiser
+from atdiff_jax.consistency.lcm import LCM_LOSS_NORMS, LCMSettings
+from atdiff_jax.consistency.losses import LOSS_NORMS as CD_LOSS_NORMS
+from atdiff_jax.consistency.losses import SOLVERS as CD_SOLVERS
+from atdiff_jax.consistency.schedule import SCALE_MODES, TARGET_EMA_MODES, create_ema_and_scales_fn
 from atdiff_jax.convert.guided_diffusion import create_model
 from atdiff_jax.diffusion.gaussian import GaussianDiffusion, create_gaussian_diffusion
 from atdiff_jax.diffusion.schedules import SCHEDULES
 from atdiff_jax.diffusion.timestep_sampler import SAMPLERS, TimestepSampler
+from atdiff_jax.eval.samples import CM_SAMPLERS
 from atdiff_jax.eval.samples import SAMPLERS as GRID_SAMPLERS
-from atdiff_jax.models.unet import UNetModel
+from atdiff_jax.models.unet import NUM_GROUPS, UNetModel
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+CM_KINDS = ("none", "cd", "ct", "lcm")
+# model options that fix the network's parameters (a student initialised from its teacher must
+# have the teacher's values)
+ARCH_KEYS = ("image_size", "in_channels", "num_channels", "num_res_blocks", "channel_mult",
+             "attention_resolutions", "num_heads", "num_head_channels", "num_heads_upsample",
+             "use_scale_shift_norm", "resblock_updown", "use_new_attention_order", "learn_sigma",
+             "class_cond", "num_classes", "norm_groups")
+# values of ARCH_KEYS in configs written before the option existed
+ARCH_DEFAULTS = {"norm_groups": 32}
+# diffusion options an LCM student shares with its teacher (it uses the teacher's chain)
+CHAIN_KEYS = ("steps", "noise_schedule", "rescale_timesteps", "predict_xstart")
 
 
 class ConfigError(ValueError):
@@ -49,6 +70,17 @@ def _positive(config, path: str, *, allow_zero: bool = False, integer: bool = Fa
         raise ConfigError(f"config.{path} must be {kind} {bound}, got {value!r}")
 
 
+def cm_kind(config) -> str:
+    """``config.cm.kind``; "none" (DPM) for configs written before the ``cm`` section existed."""
+    return config.cm.kind if "cm" in config else "none"
+
+
+def _bool(config, path: str) -> None:
+    value = _get(config, path)
+    if not isinstance(value, bool):
+        raise ConfigError(f"config.{path} must be True or False, got {value!r}")
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises :class:`ConfigError` naming the first invalid option."""
     _choice(config, "diffusion.noise_schedule", SCHEDULES)
@@ -58,13 +90,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice(config, "adv.radius_scaling", RADIUS_SCALINGS)
     _choice(config, "adv.target_type", TARGET_TYPES)
     _choice(config, "model.dtype", tuple(DTYPES))
-    _choice(config, "train.sampler", GRID_SAMPLERS)
+    if "cm" in config:
+        _choice(config, "cm.kind", CM_KINDS)
+    if cm_kind(config) == "none":
+        _choice(config, "train.sampler", GRID_SAMPLERS)
+    else:
+        if _get(config, "train.sampler") not in CM_SAMPLERS:
+            raise ConfigError(f"config.train.sampler must be one of {CM_SAMPLERS} for a "
+                              f"consistency model (cm.kind={cm_kind(config)!r}), got "
+                              f"{config.train.sampler!r}")
     for path in ("adv.steps", "train.global_batch_size", "train.microbatches",
                  "train.num_minibatches", "train.keep_checkpoints", "train.num_samples",
                  "train.sample_steps", "train.log_every", "train.checkpoint_every",
                  "diffusion.steps", "model.image_size", "model.in_channels", "model.num_channels",
                  "model.num_res_blocks", "mesh.fsdp"):
         _positive(config, path, integer=True)
+    if "norm_groups" in config.model:  # configs written before the option existed mean 32
+        _positive(config, "model.norm_groups", integer=True)
     for path in ("adv.step_size", "adv.max_norm", "optim.weight_decay", "optim.warmup_steps",
                  "optim.grad_clip", "diffusion.input_perturb", "train.sample_every",
                  "model.dropout"):
@@ -85,18 +127,142 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.model.dropout must be in [0, 1), got {config.model.dropout!r}")
     if config.model.class_cond and config.model.num_classes < 1:
         raise ConfigError("config.model.num_classes must be >= 1 for a class-conditional model")
+    label_dropout = config.train.get("label_dropout", 0.0)
+    if isinstance(label_dropout, bool) or not isinstance(label_dropout, (int, float)) or not (
+            0 <= label_dropout < 1):
+        raise ConfigError(f"config.train.label_dropout must be in [0, 1), got {label_dropout!r}")
+    if label_dropout and (not config.model.class_cond or config.model.num_classes < 2):
+        raise ConfigError("config.train.label_dropout > 0 (classifier-free guidance training) "
+                          "needs a class-conditional model (config.model.class_cond=True) whose last "
+                          "class, num_classes - 1, is the null class (num_classes >= 2)")
+    if cm_kind(config) != "none":
+        _validate_cm(config)
     try:
         build_model(config)
         build_diffusion(config)
+        build_cm_settings(config)
     except ConfigError:
         raise
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"invalid model/diffusion config: {e}") from None
+        raise ConfigError(f"invalid model/diffusion/cm config: {e}") from None
+
+
+def _validate_cm(config) -> None:
+    """The ``cm`` and ``teacher`` sections of a consistency-model run."""
+    kind = cm_kind(config)
+    if "teacher" not in config:
+        raise ConfigError("config.teacher is missing")
+    for path in ("cm.init_from_teacher", "cm.teacher_from_perturbed", "cm.lcm.guidance"):
+        _bool(config, path)
+    _choice(config, "cm.target_ema_mode", TARGET_EMA_MODES)
+    _choice(config, "cm.scale_mode", SCALE_MODES)
+    for path in ("cm.start_scales", "cm.end_scales", "cm.distill_steps_per_iter"):
+        _positive(config, path, integer=True)
+    _positive(config, "cm.total_steps", integer=True, allow_zero=True)
+    if not 0 < _get(config, "cm.start_ema") <= 1:
+        raise ConfigError(f"config.cm.start_ema must be in (0, 1], got {config.cm.start_ema!r}")
+    _positive(config, "cm.huber_c", allow_zero=True)
+    try:
+        create_ema_and_scales_fn(config.cm.target_ema_mode, float(config.cm.start_ema),
+                                 config.cm.scale_mode, int(config.cm.start_scales),
+                                 int(config.cm.end_scales), int(config.train.num_minibatches),
+                                 int(config.cm.distill_steps_per_iter))
+    except ValueError as e:
+        raise ConfigError(f"config.cm.target_ema_mode / config.cm.scale_mode: {e}") from None
+    if config.diffusion.input_perturb:
+        raise ConfigError(f"config.diffusion.input_perturb (DDPM-IP) applies to DPM training only, "
+                          f"not to cm.kind={kind!r}; set it to 0")
+    if kind in ("cd", "ct"):
+        _choice(config, "cm.loss_norm", CD_LOSS_NORMS)
+        _choice(config, "cm.solver", CD_SOLVERS)
+        _choice(config, "cm.weight_schedule", WEIGHT_SCHEDULES)
+        for path in ("cm.sigma_min", "cm.sigma_max", "cm.rho", "cm.sigma_data"):
+            _positive(config, path)
+        if not config.cm.sigma_min < config.cm.sigma_max:
+            raise ConfigError(f"config.cm.sigma_min ({config.cm.sigma_min}) must be < "
+                              f"config.cm.sigma_max ({config.cm.sigma_max})")
+        for path in ("cm.start_scales", "cm.end_scales"):
+            if _get(config, path) < 2:
+                raise ConfigError(f"config.{path} must be an integer >= 2 (the number of "
+                                  f"discretisation points N), got {_get(config, path)!r}")
+    else:  # lcm
+        _choice(config, "cm.loss_norm", LCM_LOSS_NORMS)
+        _positive(config, "cm.lcm.skip", integer=True)
+        if config.cm.lcm.skip > config.diffusion.steps:
+            raise ConfigError(f"config.cm.lcm.skip ({config.cm.lcm.skip}) must be <= "
+                              f"config.diffusion.steps ({config.diffusion.steps}), the teacher's "
+                              "chain")
+        for path in ("cm.lcm.timestep_scaling", "cm.lcm.sigma_data"):
+            _positive(config, path)
+        if config.diffusion.predict_xstart:
+            raise ConfigError("cm.kind='lcm' needs an epsilon-prediction teacher: "
+                              "config.diffusion.predict_xstart must be False")
+        if config.cm.lcm.guidance:
+            _positive(config, "cm.lcm.guidance_embed_dim", integer=True)
+            lo, hi, w = config.cm.lcm.w_min, config.cm.lcm.w_max, config.cm.lcm.sample_w
+            if not 0 <= lo <= hi:
+                raise ConfigError(f"config.cm.lcm.w_min/w_max must satisfy 0 <= w_min <= w_max, "
+                                  f"got {lo!r}, {hi!r}")
+            if not lo <= w <= hi:
+                raise ConfigError(f"config.cm.lcm.sample_w ({w!r}) must be in [w_min, w_max] = "
+                                  f"[{lo!r}, {hi!r}]")
+            if not config.model.class_cond or config.model.num_classes < 2:
+                raise ConfigError("config.cm.lcm.guidance needs a class-conditional teacher and "
+                                  "student (config.model.class_cond=True) whose last class, "
+                                  "num_classes - 1, is the null class")
+    t = config.teacher
+    if kind in ("cd", "lcm") and not (isinstance(t.workdir, str) and t.workdir):
+        raise ConfigError(f"config.teacher.workdir must name the DPM run to distil for cm.kind="
+                          f"{kind!r} (e.g. --config.teacher.workdir=runs/mnist_adm), got "
+                          f"{t.workdir!r}")
+    if not (isinstance(t.ema_rate, (int, float)) and 0 <= t.ema_rate < 1):
+        raise ConfigError(f"config.teacher.ema_rate must be in [0, 1) (0 = the teacher run's first "
+                          f"rate), got {t.ema_rate!r}")
+    if not isinstance(t.step, int) or isinstance(t.step, bool) or t.step < -1:
+        raise ConfigError(f"config.teacher.step must be -1 (newest) or a checkpoint step, got "
+                          f"{t.step!r}")
+
+
+def check_teacher_config(config, teacher_config, workdir: str) -> None:
+    """Raises :class:`ConfigError` when the DPM run in ``workdir`` (its config ``teacher_config``)
+    cannot be the teacher of the CM run ``config``."""
+    where = f"the teacher run in {workdir}"
+    if cm_kind(teacher_config) != "none":
+        raise ConfigError(f"config.teacher.workdir: {where} is a consistency-model run (cm.kind="
+                          f"{cm_kind(teacher_config)!r}); the teacher must be a DPM run")
+    if teacher_config.diffusion.predict_xstart:
+        raise ConfigError(f"config.teacher.workdir: {where} predicts x_0; distillation needs an "
+                          "epsilon-prediction teacher")
+    m, tm = config.model, teacher_config.model
+    keys = ARCH_KEYS if config.cm.init_from_teacher else ("image_size", "in_channels", "class_cond")
+    unconditional = not m.class_cond and not tm.class_cond
+    mine = {k: m.get(k, ARCH_DEFAULTS.get(k)) for k in keys}
+    theirs = {k: tm.get(k, ARCH_DEFAULTS.get(k)) for k in keys}
+    diffs = [f"model.{k}: {mine[k]!r} here, {theirs[k]!r} in the teacher" for k in keys
+             if mine[k] != theirs[k] and not (k == "num_classes" and unconditional)]
+    if not config.cm.init_from_teacher and m.class_cond and m.num_classes != tm.num_classes:
+        diffs.append(f"model.num_classes: {m.num_classes!r} here, {tm.num_classes!r} in the teacher")
+    if cm_kind(config) == "lcm":
+        diffs += [f"diffusion.{k}: {config.diffusion[k]!r} here, {teacher_config.diffusion[k]!r} in "
+                  f"the teacher" for k in CHAIN_KEYS
+                  if config.diffusion[k] != teacher_config.diffusion[k]]
+    if diffs:
+        why = ("cm.init_from_teacher copies its params" if config.cm.init_from_teacher
+               else "the data and labels are shared")
+        raise ConfigError(f"config does not match {where} ({why}; the LCM student also uses the "
+                          f"teacher's chain): " + "; ".join(diffs) + ". Set these options to the "
+                          "teacher's values" + ("" if not config.cm.init_from_teacher else
+                                                " or --config.cm.init_from_teacher=False"))
+    if (cm_kind(config) == "lcm" and config.cm.lcm.guidance
+            and not teacher_config.train.get("label_dropout", 0.0)):
+        raise ConfigError(f"config.cm.lcm.guidance: {where} was trained without label dropout "
+                          "(train.label_dropout = 0), so its null class (the unconditional branch "
+                          "of classifier-free guidance) is untrained")
 
 
 def build_model(config) -> UNetModel:
     m = config.model
-    return create_model(
+    model = create_model(
         image_size=m.image_size, num_channels=m.num_channels, num_res_blocks=m.num_res_blocks,
         channel_mult=m.channel_mult, learn_sigma=m.learn_sigma, class_cond=m.class_cond,
         use_checkpoint=m.use_checkpoint, attention_resolutions=m.attention_resolutions,
@@ -104,7 +270,11 @@ def build_model(config) -> UNetModel:
         num_heads_upsample=m.num_heads_upsample, use_scale_shift_norm=m.use_scale_shift_norm,
         dropout=m.dropout, resblock_updown=m.resblock_updown,
         use_new_attention_order=m.use_new_attention_order, in_channels=m.in_channels,
-        num_classes=m.num_classes if m.class_cond else None, dtype=DTYPES[m.dtype])
+        num_classes=m.num_classes if m.class_cond else None, dtype=DTYPES[m.dtype],
+        norm_groups=m.get("norm_groups", NUM_GROUPS))
+    if cm_kind(config) == "lcm" and config.cm.lcm.guidance:
+        model = model.clone(guidance_embed_dim=int(config.cm.lcm.guidance_embed_dim))
+    return model
 
 
 def build_diffusion(config) -> GaussianDiffusion:
@@ -146,6 +316,54 @@ def lr_schedule(config) -> optax.Schedule:
 
 
 @dataclasses.dataclass(frozen=True)
+class CMSettings:
+    """What a consistency-model run needs beyond a DPM run (see ``config.cm``)."""
+    kind: str                                # "cd" | "ct" | "lcm"
+    denoiser: KarrasDenoiser                 # cd/ct: sigma range, rho, sigma_data, weights
+    loss_norm: str
+    solver: str                              # cd/ct ODE step
+    huber_c: float | None                    # None: the loss's default
+    teacher_from_perturbed: bool
+    init_from_teacher: bool
+    lcm: LCMSettings | None                  # lcm only
+    null_label: int | None                   # lcm with guidance: the teacher's null class
+    sample_w: float                          # lcm with guidance: w of the sample grids / CLI
+    sample_scales: int                       # cd/ct: N of the multistep sampler's schedule
+    # step (minibatches done) -> (target EMA rate, N); host-side, see create_ema_and_scales_fn
+    ema_and_scales: Callable[[int], tuple[float, int]] = dataclasses.field(compare=False)
+
+
+def build_cm_settings(config) -> CMSettings | None:
+    """The CM settings of ``config`` (None for a DPM run)."""
+    kind = cm_kind(config)
+    if kind == "none":
+        return None
+    c = config.cm
+    total = int(c.total_steps) or int(config.train.num_minibatches)
+    fn = create_ema_and_scales_fn(c.target_ema_mode, float(c.start_ema), c.scale_mode,
+                                  int(c.start_scales), int(c.end_scales), total,
+                                  int(c.distill_steps_per_iter))
+    lcm = None
+    if kind == "lcm":
+        lcm = LCMSettings(skip=int(c.lcm.skip), sigma_data=float(c.lcm.sigma_data),
+                          timestep_scaling=float(c.lcm.timestep_scaling), loss_norm=c.loss_norm,
+                          huber_c=float(c.huber_c) or 0.001, guidance=bool(c.lcm.guidance),
+                          w_min=float(c.lcm.w_min), w_max=float(c.lcm.w_max))
+    guided = lcm is not None and lcm.guidance
+    return CMSettings(
+        kind=kind,
+        denoiser=KarrasDenoiser(sigma_data=float(c.sigma_data), sigma_min=float(c.sigma_min),
+                                sigma_max=float(c.sigma_max), rho=float(c.rho), distillation=True,
+                                weight_schedule=c.weight_schedule),
+        loss_norm=c.loss_norm, solver=c.solver, huber_c=float(c.huber_c) or None,
+        teacher_from_perturbed=bool(c.teacher_from_perturbed),
+        init_from_teacher=bool(c.init_from_teacher), lcm=lcm,
+        null_label=int(config.model.num_classes) - 1 if guided else None,
+        sample_w=float(c.lcm.sample_w) if guided else 0.0,
+        sample_scales=max(int(fn(total)[1]), 2), ema_and_scales=fn)
+
+
+@dataclasses.dataclass(frozen=True)
 class Experiment:
     """Everything the step needs that is not state (hashable pieces + the network module)."""
     model: UNetModel
@@ -157,6 +375,17 @@ class Experiment:
     microbatches: int
     image_shape: tuple[int, int, int]   # [H, W, C]
     class_cond: bool
+    cm: CMSettings | None = None        # a consistency-model run (None: DPM)
+    label_dropout: float = 0.0          # DPM: classifier-free guidance label dropout
+    num_classes: int | None = None      # classes of the labels (None: unconditional)
+
+    @property
+    def sample_classes(self) -> int | None:
+        """Labels to draw for samples: the real classes (the null class excluded), or None."""
+        if not self.class_cond:
+            return None
+        null = self.label_dropout > 0 or (self.cm is not None and self.cm.null_label is not None)
+        return self.num_classes - 1 if null else self.num_classes
 
 
 def build_experiment(config) -> Experiment:
@@ -169,4 +398,6 @@ def build_experiment(config) -> Experiment:
         ema_rates=tuple(float(r) for r in config.train.ema_rates),
         input_perturb=float(config.diffusion.input_perturb),
         microbatches=int(config.train.microbatches),
-        image_shape=(m.image_size, m.image_size, m.in_channels), class_cond=bool(m.class_cond))
+        image_shape=(m.image_size, m.image_size, m.in_channels), class_cond=bool(m.class_cond),
+        cm=build_cm_settings(config), label_dropout=float(config.train.get("label_dropout", 0.0)),
+        num_classes=int(m.num_classes) if m.class_cond else None)

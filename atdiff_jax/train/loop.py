@@ -5,9 +5,15 @@ all processes; each process feeds its slice of the global batch. A workdir with 
 resumed automatically (state, data-iterator position and RNG counters), which gives bit-identical
 parameters to an uninterrupted run. SIGTERM (preemption) makes every process save at the next step
 boundary and exit cleanly.
+
+A consistency-model run (``config.cm.kind != "none"``) restores its DPM teacher's EMA params from
+``config.teacher.workdir`` (``restore_for_sampling``; checked against the run's config before
+anything is written), places them on the mesh like params, and passes them to every step as a
+non-donated input; the student starts from them when ``config.cm.init_from_teacher``.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -25,14 +31,69 @@ from atdiff_jax.data.pipeline import create_train_iterator
 from atdiff_jax.eval import samples as samples_lib
 from atdiff_jax.train import checkpoint as ckpt
 from atdiff_jax.train import sharding
+from atdiff_jax.train.cm_step import cm_schedule, make_cm_train_step, merge_teacher_params
 from atdiff_jax.train.experiment import (ConfigError, Experiment, build_experiment,
-                                         build_optimizer, lr_schedule)
+                                         build_optimizer, check_teacher_config, cm_kind,
+                                         lr_schedule)
 from atdiff_jax.train.state import TrainState, create_state, ema_key, init_params
 from atdiff_jax.train.step import make_train_step
 
 
 # Metrics that are counters or schedules: logged at their last value, not averaged over the window.
-_COUNTERS = ("skipped_updates", "optimizer_updates", "lr")
+_COUNTERS = ("skipped_updates", "optimizer_updates", "lr", "num_scales", "target_ema")
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+    """The frozen DPM teacher of a consistency-model run."""
+    model: Any          # its UNetModel
+    diffusion: Any      # its training chain (GaussianDiffusion)
+    params: Any         # its EMA params (on this host's first device)
+    config: ml_collections.ConfigDict
+    workdir: str
+
+
+def load_teacher(config: ml_collections.ConfigDict) -> Teacher | None:
+    """The teacher of a CM run (None for DPM runs and for CT without a teacher workdir).
+
+    Raises:
+      ConfigError: the workdir has no checkpoints, is not a DPM run, lacks the EMA rate or does
+        not fit the run's config (one message saying what to change).
+    """
+    kind = cm_kind(config)
+    if kind == "none" or (kind == "ct" and not config.teacher.workdir):
+        return None
+    workdir = os.path.abspath(config.teacher.workdir)
+    steps, teacher_config = [], None
+    step = None if config.teacher.step == -1 else int(config.teacher.step)
+    if os.path.isdir(ckpt.checkpoint_dir(workdir)):
+        manager = ckpt.create_manager(workdir, read_only=True)
+        try:
+            steps = list(manager.all_steps())
+            if steps and (step is None or step in steps):
+                teacher_config = ckpt.restore_config(manager, max(steps) if step is None else step)
+        finally:
+            manager.close()
+    if not steps:
+        raise ConfigError(f"config.teacher.workdir={config.teacher.workdir!r} has no checkpoints "
+                          f"(looked in {ckpt.checkpoint_dir(workdir)}); train the DPM teacher "
+                          f"there first, e.g. atdiff train --config=configs/mnist_adm.py "
+                          f"--workdir={config.teacher.workdir}")
+    if teacher_config is None:
+        raise ConfigError(f"config.teacher.step={step} is not a checkpoint of "
+                          f"{config.teacher.workdir!r}; available: {steps} (-1 = the newest)")
+    check_teacher_config(config, teacher_config, config.teacher.workdir)
+    rate = float(config.teacher.ema_rate) or None
+    try:
+        model, params, experiment, teacher_config = restore_for_sampling(workdir, step, rate)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"config.teacher.ema_rate: {e}") from None
+    logging.info("teacher: %s step %s (EMA %s)", workdir, step if step is not None else max(steps),
+                 rate or teacher_config.train.ema_rates[0])
+    return Teacher(model=model, diffusion=experiment.diffusion, params=params,
+                   config=teacher_config, workdir=workdir)
 
 
 def default_data_dir(workdir: str) -> str:
@@ -88,22 +149,42 @@ def _abstract_state(experiment, optimizer) -> TrainState:
         experiment, optimizer, init_params(experiment, jax.random.key(0))))
 
 
-def _initial_state(config, experiment, optimizer, shardings) -> TrainState:
+def _put(host: Any, shardings: Any) -> Any:
+    """Host arrays -> global arrays with ``shardings`` (each process puts its own shards)."""
+    return jax.tree.map(
+        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
+        host, shardings)
+
+
+def _initial_state(config, experiment, optimizer, shardings, teacher: Teacher | None = None
+                   ) -> TrainState:
     """The state of a new run, placed on the mesh with ``shardings``.
 
     A fresh init runs as one jitted function straight into its shardings. Weights from a PyTorch
-    checkpoint are read on the host (never baked into a compiled program) and each process puts
-    its shards of them on its devices.
+    checkpoint or a CM run's teacher are read on the host (never baked into a compiled program)
+    and each process puts its shards of them on its devices.
     """
+    from_teacher = (teacher is not None and experiment.cm is not None
+                    and experiment.cm.init_from_teacher)
+    if from_teacher:
+        init = lambda: init_params(experiment, jax.random.key(config.seed))  # noqa: E731
+        teacher_params = jax.device_get(teacher.params)
+        params = merge_teacher_params(jax.eval_shape(init), teacher_params)
+        if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+            # Params the teacher lacks (e.g. an LCM student's guidance_proj) need a real init
+            # (compiling the UNet's init takes a while, so only then).
+            local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+            fresh = jax.device_get(jax.jit(init, out_shardings=local)())
+            params = merge_teacher_params(fresh, teacher_params)
+        host = jax.device_get(jax.jit(lambda p: create_state(experiment, optimizer, p))(params))
+        logging.info("student initialised from the teacher's EMA params (%s)", teacher.workdir)
+        return _put(host, shardings)
     if not config.init.checkpoint:
         return jax.jit(lambda: create_state(
             experiment, optimizer, _initial_params(config, experiment)[0]),
             out_shardings=shardings)()
     params, ema = _initial_params(config, experiment)
-    host = jax.device_get(create_state(experiment, optimizer, params, ema))
-    return jax.tree.map(
-        lambda x, s: jax.make_array_from_callback(np.shape(x), s, lambda idx: np.asarray(x)[idx]),
-        host, shardings)
+    return _put(jax.device_get(create_state(experiment, optimizer, params, ema)), shardings)
 
 
 def _write_grid(config, experiment, state, mesh, workdir, step, writer):
@@ -113,8 +194,8 @@ def _write_grid(config, experiment, state, mesh, workdir, step, writer):
         num=config.train.num_samples, image_shape=experiment.image_shape,
         rng=jax.random.fold_in(jax.random.key(config.seed), 10_000_000 + step),
         sampler=config.train.sampler, steps=config.train.sample_steps,
-        batch_size=config.train.num_samples,
-        num_classes=config.model.num_classes if experiment.class_cond else None)
+        batch_size=config.train.num_samples, num_classes=experiment.sample_classes,
+        cm=experiment.cm)
     if jax.process_index() == 0:
         tile = samples_lib.grid(images)
         samples_lib.save_png(tile, os.path.join(workdir, "samples", f"ema_{step:08d}.png"))
@@ -139,6 +220,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if (config.train.global_batch_size // config.train.microbatches) % jax.device_count():
         raise ConfigError("config.train.global_batch_size / config.train.microbatches must be "
                           f"divisible by the number of devices ({jax.device_count()})")
+    teacher = load_teacher(config)   # CM runs: checked before anything is written
 
     iterator = create_train_iterator(
         dataset=config.data.dataset, data_dir=data_dir, split=config.data.split,
@@ -158,15 +240,35 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         logging.info("resumed from %s step %d", manager.directory, step_to_restore)
     else:
         os.makedirs(workdir, exist_ok=True)
-        state = _initial_state(config, experiment, optimizer, shardings)
+        state = _initial_state(config, experiment, optimizer, shardings, teacher)
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             f.write(config.to_json(indent=2))
 
-    train_step = jax.jit(
-        make_train_step(experiment, optimizer, seed=config.seed, lr_fn=lr_fn),
-        in_shardings=(shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+    if experiment.cm is None:
+        train_step = jax.jit(
+            make_train_step(experiment, optimizer, seed=config.seed, lr_fn=lr_fn),
+            in_shardings=(shardings, sharding.batch_sharding(mesh)),
+            out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+    else:
+        # The teacher is a non-donated input, sharded like params; the schedule is host-side.
+        teacher_params = {}
+        if teacher is not None and experiment.cm.kind != "ct":
+            host = jax.device_get(teacher.params)
+            teacher_params = _put(host, sharding.params_shardings(host, mesh))
+        cm_step = jax.jit(
+            make_cm_train_step(experiment, optimizer, seed=config.seed, lr_fn=lr_fn,
+                               teacher_model=teacher.model if teacher else None,
+                               teacher_diffusion=teacher.diffusion if teacher else None),
+            in_shardings=(shardings, sharding.batch_sharding(mesh),
+                          sharding.params_shardings(teacher_params, mesh),
+                          sharding.replicated(mesh)),
+            out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+        def train_step(state, batch, steps_done):
+            schedule = cm_schedule(experiment, steps_done)  # the same on every process
+            schedule = _put(schedule, jax.tree.map(lambda _: sharding.replicated(mesh), schedule))
+            return cm_step(state, batch, teacher_params, schedule)
 
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() > 0, asynchronous=False)
@@ -179,7 +281,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     with _Preemption() as preemption:
         for step in range(start + 1, total + 1):
             batch = sharding.global_batch(next(iterator), mesh)
-            state, metrics = train_step(state, batch)
+            if experiment.cm is None:
+                state, metrics = train_step(state, batch)
+            else:  # the CM schedule of the minibatches done so far (state.step == step - 1)
+                state, metrics = train_step(state, batch, step - 1)
             pending.append(metrics)
             if step % config.train.log_every == 0 or step == total:
                 host = jax.device_get(pending)  # waits for the step: the timing below is real

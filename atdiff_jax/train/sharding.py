@@ -44,17 +44,26 @@ def _fsdp_spec(shape: tuple[int, ...], fsdp: int) -> P:
     return P()
 
 
-def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
-    """Shardings for a TrainState: FSDP rule on params / EMA / optimizer state, others replicated."""
+def params_shardings(abstract_params: Any, mesh: Mesh) -> Any:
+    """Shardings for a params pytree (e.g. a frozen teacher's): the FSDP rule, else replicated."""
     fsdp = mesh.shape["fsdp"]
-    shard = lambda x: NamedSharding(mesh, _fsdp_spec(tuple(x.shape), fsdp))  # noqa: E731
+    return jax.tree.map(lambda x: NamedSharding(mesh, _fsdp_spec(tuple(x.shape), fsdp)),
+                        abstract_params)
+
+
+def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
+    """Shardings for a TrainState: FSDP rule on params / EMA / optimizer state (and a CM state's
+    target network), others replicated."""
     rep = lambda x: replicated(mesh)  # noqa: E731
+    extra = {}
+    if hasattr(abstract_state, "target"):
+        extra["target"] = params_shardings(abstract_state.target, mesh)
     return abstract_state.replace(
         step=replicated(mesh), updates=replicated(mesh), skipped=replicated(mesh),
-        params=jax.tree.map(shard, abstract_state.params),
-        ema=jax.tree.map(shard, abstract_state.ema),
-        opt_state=jax.tree.map(shard, abstract_state.opt_state),
-        sampler=jax.tree.map(rep, abstract_state.sampler))
+        params=params_shardings(abstract_state.params, mesh),
+        ema=params_shardings(abstract_state.ema, mesh),
+        opt_state=params_shardings(abstract_state.opt_state, mesh),
+        sampler=jax.tree.map(rep, abstract_state.sampler), **extra)
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

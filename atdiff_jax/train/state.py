@@ -1,4 +1,9 @@
-"""The training state: params, EMA params, optimizer state, counters, timestep-sampler state."""
+"""The training state: params, EMA params, optimizer state, counters, timestep-sampler state.
+
+A consistency-model run (``experiment.cm``) uses ``CMTrainState``: the same fields plus the target
+network ``target`` (an EMA of the student, stop-gradiented in the loss). It is a subclass rather
+than an optional field so that DPM checkpoints keep exactly the tree they were written with.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -28,20 +33,32 @@ class TrainState:
     sampler: LossHistory
 
 
+@flax.struct.dataclass
+class CMTrainState(TrainState):
+    target: Any          # target network params θ⁻ (EMA of ``params`` at the cm target rate)
+
+
 def init_params(experiment: Experiment, rng: jax.Array) -> Any:
     """Freshly initialised network parameters (float32)."""
     h, w, c = experiment.image_shape
     x = jnp.zeros((1, h, w, c), jnp.float32)
     t = jnp.zeros((1,), jnp.int32)
     y = jnp.zeros((1,), jnp.int32) if experiment.class_cond else None
-    return experiment.model.init({"params": rng}, x, t, y=y, train=False)["params"]
+    kw = {} if experiment.model.guidance_embed_dim is None else {"w": jnp.zeros((1,), jnp.float32)}
+    return experiment.model.init({"params": rng}, x, t, y=y, train=False, **kw)["params"]
 
 
 def create_state(experiment: Experiment, optimizer: optax.GradientTransformation, params: Any,
                  ema_params: Any | None = None) -> TrainState:
-    """A fresh state around ``params`` (EMA from ``ema_params`` if given, else the params)."""
+    """A fresh state around ``params`` (EMA from ``ema_params`` if given, else the params).
+
+    For a consistency model the target network starts as a copy of ``params`` too.
+    """
     ema_src = params if ema_params is None else ema_params
-    return TrainState(
+    fields = dict(
         step=jnp.int32(0), updates=jnp.int32(0), skipped=jnp.int32(0), params=params,
         ema={ema_key(r): jax.tree.map(jnp.array, ema_src) for r in experiment.ema_rates},
         opt_state=optimizer.init(params), sampler=experiment.sampler.init())
+    if experiment.cm is not None:
+        return CMTrainState(target=jax.tree.map(jnp.array, params), **fields)
+    return TrainState(**fields)

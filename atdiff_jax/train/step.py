@@ -73,12 +73,20 @@ def microbatched_grad_fn(loss_of_batch: Callable, batch: dict, m: int) -> Callab
     return grad_fn
 
 
+def drop_labels(keys: jax.Array, labels: jax.Array, *, rate: float, null_label: int) -> jax.Array:
+    """Classifier-free guidance training: each label [B] becomes ``null_label`` with probability
+    ``rate``, drawn from ``fold_in(keys[i], 3)`` (``keys`` [B]: the per-example keys)."""
+    u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 3)))(keys)
+    return jnp.where(u < rate, jnp.asarray(null_label, labels.dtype), labels)
+
+
 def make_train_step(experiment: Experiment, optimizer: optax.GradientTransformation, *,
                     seed: int, lr_fn: Callable[[Any], Any]) -> Callable:
     """Builds ``train_step(state, batch) -> (state, metrics)``.
 
     ``batch``: ``image`` [B, H, W, C] float32 in [-1, 1] (the global batch) and, for
-    class-conditional models, ``label`` [B] int32.
+    class-conditional models, ``label`` [B] int32 (replaced by the null class ``num_classes - 1``
+    with probability ``experiment.label_dropout``, drawn from ``fold_in(example key, 3)``).
     """
     exp = experiment
     model = exp.model
@@ -97,7 +105,10 @@ def make_train_step(experiment: Experiment, optimizer: optax.GradientTransformat
         noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), x0.shape[1:]))(keys)
         loss_batch = {"x_start": x0, "t": t, "noise": noise, "weights": weights}
         if exp.class_cond:
-            loss_batch["y"] = batch["label"]
+            y = batch["label"]
+            if exp.label_dropout:  # classifier-free guidance: the null class is num_classes - 1
+                y = drop_labels(keys, y, rate=exp.label_dropout, null_label=exp.num_classes - 1)
+            loss_batch["y"] = y
         if exp.input_perturb:
             loss_batch["ip_noise"] = jax.vmap(
                 lambda k: jax.random.normal(jax.random.fold_in(k, 2), x0.shape[1:]))(keys)

@@ -1,0 +1,361 @@
+"""``atdiff eval``: sample a run's EMA params over samplers x NFEs, score them, write a report.
+
+One protocol everywhere (the FID protocol of the docs):
+
+* **Params**: the EMA params of the chosen checkpoint (``--ema_rate``, default the run's first
+  rate), restored on whatever devices exist.
+* **Samples**: ``num_samples`` images per (sampler, NFE); batch ``b`` starts from
+  ``fold_in(seed, b)`` (:func:`atdiff_jax.eval.samples.generate`), so every sampler and every
+  model in a comparison starts from the same x_T. Samples are rounded to uint8 exactly as saved
+  images are (``to_uint8``) before any metric sees them.
+* **FID**: InceptionV3 pool3 features (TF 2015-12-05 network, converted once with ``atdiff
+  convert inception``) of the samples against the statistics of the run's whole training split
+  (cached under ``stats_dir``), Fréchet distance in float64.
+* **fd_mnist**: the same distance in the feature space of the shipped MNIST classifier against
+  10,000 random test images, plus the classifier's mean confidence (MNIST runs only).
+* **robustness**: the PGD denoiser attack over a grid of (t, radius) on test images, and the
+  MNIST feature distance of DDIM samples whose intermediate states are perturbed (Gaussian and
+  adversarial), see :mod:`atdiff_jax.eval.robustness`.
+
+Samplers: ``ddim``, ``iddpm``, ``es`` (IDDPM with epsilon scaling ``es_scale``, Ning et al. 2024)
+and ``dpm_solver`` (DPM-Solver++(2M)); the NFE is the number of network evaluations.
+
+Results go to ``<workdir>/eval/<step>/results.json``; :func:`write_report` turns the results of
+one or more runs into ``report.md`` (tables laid out like the paper's: rows sampler x model,
+columns NFE) and PNG plots.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+METRICS = ("fd_mnist", "fid", "robustness")
+EVAL_SAMPLERS = ("ddim", "iddpm", "es", "dpm_solver")
+DEFAULT_ES_SCALE = 1.017  # Ning et al. 2024 on CIFAR-10 (SPEC §5)
+
+
+class EvalError(ValueError):
+    """Bad evaluation arguments (named in the message)."""
+
+
+def _check_choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> None:
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        raise EvalError(f"{name} must be a non-empty list from {tuple(allowed)}, got {list(values)}")
+
+
+def _sample(model, params, experiment, *, sampler: str, nfe: int, num: int, seed: int,
+            batch_size: int, es_scale: float) -> np.ndarray:
+    from atdiff_jax.eval.samples import generate
+    cfg_model = experiment.model
+    shape = (cfg_model.image_size, cfg_model.image_size, cfg_model.in_channels)
+    images, _ = generate(model, params, experiment.diffusion, num=num, image_shape=shape,
+                         rng=jax.random.key(seed), sampler="iddpm" if sampler == "es" else sampler,
+                         steps=nfe, batch_size=batch_size,
+                         num_classes=cfg_model.num_classes,
+                         eps_scale=es_scale if sampler == "es" else 1.0)
+    return images
+
+
+def _at_32(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, S, S, 1] -> [N, 32, 32, 1] (bilinear) for the MNIST classifier."""
+    if images.shape[1:3] == (32, 32):
+        return images
+    x = jax.image.resize(images.astype(np.float32), (images.shape[0], 32, 32, images.shape[3]),
+                         "bilinear")
+    return np.clip(np.round(np.asarray(x)), 0, 255).astype(np.uint8)
+
+
+def _mnist_reference(data_dir: str, num: int = 10000):
+    from atdiff_jax.eval.mnist_fd import reference_stats
+    return reference_stats(data_dir, split="test", num=num)
+
+
+def _fid_reference(inception_params, config, data_dir: str, stats_dir: str,
+                   num: int | None = None):
+    from atdiff_jax.data.pipeline import get_dataset_meta, load_examples
+    from atdiff_jax.eval.fid import reference_statistics
+    dataset, split = config.data.dataset, config.data.split
+    total = get_dataset_meta(dataset, data_dir=data_dir).num_examples[split]
+    total = min(total, num) if num else total
+
+    def batches(chunk=5000):
+        for start in range(0, total, chunk):
+            yield load_examples(dataset, data_dir=data_dir, split=split, start=start,
+                                num_examples=min(chunk, total - start),
+                                image_size=config.model.image_size)
+
+    return reference_statistics(inception_params, batches(), cache_dir=stats_dir,
+                                dataset=dataset, split=split, num=total)
+
+
+def _robustness(model, params, experiment, config, data_dir: str, *, seed: int,
+                t_values: Sequence[int], radii: Sequence[float], norm: str, pgd_steps: int,
+                num_images: int, sample_sizes: Sequence[float], num_samples: int,
+                mnist_ref, batch_size: int) -> dict:
+    from atdiff_jax.data.pipeline import load_examples, to_model_range
+    from atdiff_jax.eval import robustness
+    from atdiff_jax.eval.mnist_fd import classifier_precision, mnist_feature_distance
+    from atdiff_jax.eval.samples import to_uint8
+
+    x0 = to_model_range(load_examples(config.data.dataset, data_dir=data_dir, split="test",
+                                      num_examples=num_images,
+                                      image_size=config.model.image_size))
+
+    def model_fn(x, t):
+        return model.apply({"params": params}, x, t, train=False)
+
+    attack = robustness.denoiser_attack(model_fn, experiment.diffusion, jax.numpy.asarray(x0),
+                                        jax.random.key(seed), t_values=t_values, radii=radii,
+                                        norm=norm, steps=pgd_steps)
+    out = {"attack": {k: np.asarray(v).tolist() for k, v in attack.items()},
+           "attack_settings": {"norm": norm, "pgd_steps": pgd_steps, "num_images": num_images}}
+    if mnist_ref is None or not sample_sizes:
+        return out
+    chain = experiment.diffusion.respace("ddim10")
+    run = jax.jit(lambda x, key, s, kind: robustness.perturbed_ddim_sample(
+        model_fn, chain, x, key, kind=kind, size=s), static_argnames="kind")
+    shape = (config.model.image_size, config.model.image_size, config.model.in_channels)
+    rows = []
+    for kind in ("gaussian", "adversarial"):
+        for size in sample_sizes:
+            imgs = []
+            for b, start in enumerate(range(0, num_samples, batch_size)):
+                n = min(batch_size, num_samples - start)
+                key = jax.random.fold_in(jax.random.key(seed), b)
+                x_T = jax.random.normal(jax.random.fold_in(key, 0), (batch_size,) + shape)
+                imgs.append(to_uint8(np.asarray(run(x_T, jax.random.fold_in(key, 3),
+                                                    float(size), kind)))[:n])
+            imgs = np.concatenate(imgs)
+            rows.append({"kind": kind, "size": float(size),
+                         "fd_mnist": mnist_feature_distance(_at_32(imgs), mnist_ref),
+                         "confidence": classifier_precision(_at_32(imgs))["mean_confidence"]})
+    out["sampling"] = {"sampler": "ddim", "nfe": 10, "num_samples": num_samples, "rows": rows}
+    return out
+
+
+def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
+                     samplers: Sequence[str] = ("ddim",), nfes: Sequence[int] = (10,),
+                     num_samples: int = 1000, seed: int = 0, step: int | None = None,
+                     ema_rate: float | None = None, batch_size: int = 250,
+                     data_dir: str | None = None, es_scale: float = DEFAULT_ES_SCALE,
+                     inception: str | None = None, stats_dir: str | None = None,
+                     fid_reference_num: int | None = None,
+                     robustness_t: Sequence[int] = (50, 200, 500, 800),
+                     robustness_radii: Sequence[float] = (0.0, 0.02, 0.05, 0.1),
+                     robustness_norm: str = "l2", robustness_pgd_steps: int = 10,
+                     robustness_images: int = 64,
+                     robustness_sizes: Sequence[float] = (0.0, 0.05, 0.1),
+                     robustness_samples: int = 500, label: str | None = None) -> dict:
+    """Evaluates one run and writes ``<workdir>/eval/<step>/results.json``; returns the results.
+
+    ``fid_reference_num`` limits the FID reference to the first N training images (None: the
+    whole split, the protocol; smaller values are for smoke tests). MNIST runs whose models are
+    not 32x32 are scored by ``fd_mnist`` after a bilinear resize to 32x32.
+
+    Raises:
+      EvalError: unknown metric/sampler, NFE < 1, a metric that does not apply to the run
+        (``fd_mnist`` on another dataset), or missing Inception weights for ``fid``.
+    """
+    from atdiff_jax.train.loop import restore_for_sampling
+
+    _check_choices("metrics", metrics, METRICS)
+    _check_choices("samplers", samplers, EVAL_SAMPLERS)
+    if not nfes or any(int(n) < 1 for n in nfes):
+        raise EvalError(f"nfe must be a non-empty list of integers >= 1, got {list(nfes)}")
+    if num_samples < 2:
+        raise EvalError(f"num_samples must be >= 2 (a covariance needs two), got {num_samples}")
+    model, params, experiment, config = restore_for_sampling(workdir, step=step,
+                                                             ema_rate=ema_rate)
+    if "cm" in config and config.cm.kind != "none":
+        raise EvalError("atdiff eval scores diffusion (DPM) runs; this workdir holds a "
+                        f"consistency model (cm.kind={config.cm.kind!r})")
+    data_dir = data_dir or config.data.data_dir or str(pathlib.Path(workdir).parent / "data")
+    is_mnist = config.data.dataset == "mnist32"
+    if "fd_mnist" in metrics and not is_mnist:
+        raise EvalError(f"fd_mnist needs an MNIST run, this one trains on {config.data.dataset!r}")
+    if step is None:
+        from atdiff_jax.train.checkpoint import create_manager
+        step = create_manager(workdir, read_only=True).latest_step()
+    ckpt_step = step
+
+    mnist_ref = _mnist_reference(data_dir) if is_mnist and (
+        "fd_mnist" in metrics or "robustness" in metrics) else None
+    inception_params = fid_ref = None
+    if "fid" in metrics:
+        from atdiff_jax.convert.inception import load_inception_params
+        if not inception or not os.path.exists(inception):
+            raise EvalError(f"fid needs the converted Inception weights, not found at "
+                            f"{inception!r}: run `atdiff convert inception --out=PATH` once and "
+                            "pass --inception=PATH")
+        inception_params = load_inception_params(inception)
+        fid_ref = _fid_reference(inception_params, config, data_dir,
+                                 stats_dir or str(pathlib.Path(data_dir) / "fid_stats"),
+                                 fid_reference_num)
+
+    rows = []
+    for sampler in samplers:
+        for nfe in nfes:
+            t0 = time.perf_counter()
+            imgs = _sample(model, params, experiment, sampler=sampler, nfe=int(nfe),
+                           num=num_samples, seed=seed, batch_size=batch_size, es_scale=es_scale)
+            row = {"sampler": sampler, "nfe": int(nfe), "num_samples": num_samples,
+                   "sample_seconds": time.perf_counter() - t0}
+            if "fd_mnist" in metrics:
+                from atdiff_jax.eval.mnist_fd import classifier_precision, mnist_feature_distance
+                row["fd_mnist"] = mnist_feature_distance(_at_32(imgs), mnist_ref)
+                prec = classifier_precision(_at_32(imgs))
+                row["confidence"] = prec["mean_confidence"]
+                row["frac_confident"] = prec["frac_confident"]
+            if "fid" in metrics:
+                from atdiff_jax.eval.fid import feature_statistics, fid_features, frechet_distance
+                # grey images are repeated to RGB inside the network
+                mu, sigma = feature_statistics(fid_features(inception_params, imgs))
+                row["fid"] = frechet_distance(mu, sigma, *fid_ref)
+            rows.append(row)
+    results = {"workdir": os.path.abspath(workdir), "label": label or pathlib.Path(workdir).name,
+               "step": int(ckpt_step) if ckpt_step is not None else None,
+               "ema_rate": ema_rate, "seed": seed, "dataset": config.data.dataset,
+               "es_scale": es_scale, "metrics": list(metrics), "rows": rows}
+    if "robustness" in metrics:
+        results["robustness"] = _robustness(
+            model, params, experiment, config, data_dir, seed=seed, t_values=robustness_t,
+            radii=robustness_radii, norm=robustness_norm, pgd_steps=robustness_pgd_steps,
+            num_images=robustness_images, sample_sizes=robustness_sizes,
+            num_samples=robustness_samples, mnist_ref=mnist_ref, batch_size=batch_size)
+    out = pathlib.Path(workdir) / "eval" / str(results["step"])
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, out / "results.json")
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+
+
+def _table(results: Sequence[dict], metric: str) -> str:
+    nfes = sorted({r["nfe"] for res in results for r in res["rows"] if metric in r})
+    if not nfes:
+        return ""
+    samplers = [s for s in EVAL_SAMPLERS
+                if any(r["sampler"] == s for res in results for r in res["rows"])]
+    lines = [f"| sampler | model | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+             "|---|---|" + "---|" * len(nfes)]
+    for s in samplers:
+        for res in results:
+            vals = {r["nfe"]: r[metric] for r in res["rows"] if r["sampler"] == s and metric in r}
+            if not vals:
+                continue
+            cells = [f"{vals[n]:.3f}" if n in vals else "" for n in nfes]
+            lines.append(f"| {s} | {res['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _robustness_tables(results: Sequence[dict]) -> str:
+    out = []
+    for res in results:
+        rob = res.get("robustness")
+        if not rob:
+            continue
+        a = rob["attack"]
+        radii = a["radius"]
+        out.append(f"**{res['label']}** — denoiser attack ({rob['attack_settings']['norm']}, "
+                   f"{rob['attack_settings']['pgd_steps']} PGD steps): eps MSE clean / attacked")
+        out.append("| t | " + " | ".join(f"r={r:g}" for r in radii) + " |")
+        out.append("|---|" + "---|" * len(radii))
+        for i, t in enumerate(a["t"]):
+            cells = [f"{a['eps_clean'][i][j]:.4f} / {a['eps_attacked'][i][j]:.4f}"
+                     for j in range(len(radii))]
+            out.append(f"| {t} | " + " | ".join(cells) + " |")
+        if "sampling" in rob:
+            out.append("")
+            out.append(f"**{res['label']}** — DDIM-10 with perturbed intermediate states "
+                       "(MNIST feature distance)")
+            out.append("| perturbation | size | fd_mnist | confidence |")
+            out.append("|---|---|---|---|")
+            for r in rob["sampling"]["rows"]:
+                out.append(f"| {r['kind']} | {r['size']:g} | {r['fd_mnist']:.3f} | "
+                           f"{r['confidence']:.3f} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def _plots(results: Sequence[dict], out: pathlib.Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    written = []
+    for metric in ("fd_mnist", "fid"):
+        if not any(metric in r for res in results for r in res["rows"]):
+            continue
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for res in results:
+            for s in EVAL_SAMPLERS:
+                pts = sorted((r["nfe"], r[metric]) for r in res["rows"]
+                             if r["sampler"] == s and metric in r)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=f"{res['label']} / {s}")
+        ax.set_xlabel("NFE")
+        ax.set_ylabel(metric)
+        ax.set_xscale("log")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / f"{metric}_vs_nfe.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(str(path))
+    if any(res.get("robustness") for res in results):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for res in results:
+            rob = res.get("robustness")
+            if not rob:
+                continue
+            a = rob["attack"]
+            for i, t in enumerate(a["t"]):
+                ax.plot(a["radius"], a["eps_attacked"][i], marker="o",
+                        label=f"{res['label']} t={t}")
+        ax.set_xlabel("attack radius (per-pixel RMS)")
+        ax.set_ylabel("attacked eps MSE")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        path = out / "robustness.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        written.append(str(path))
+    return written
+
+
+def write_report(results: Sequence[dict], out_dir: str) -> dict[str, Any]:
+    """``report.md`` + ``results.json`` + PNG plots for one or more runs' results."""
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = ["# atdiff eval report", ""]
+    for res in results:
+        parts.append(f"- **{res['label']}**: `{res['workdir']}` step {res['step']}, EMA "
+                     f"{res['ema_rate'] or 'default'}, seed {res['seed']}, "
+                     f"{res['rows'][0]['num_samples'] if res['rows'] else 0} samples per cell")
+    parts.append("")
+    for metric, title in (("fd_mnist", "MNIST feature distance (lower is better)"),
+                          ("confidence", "MNIST classifier confidence (higher is better)"),
+                          ("fid", "FID (lower is better)")):
+        table = _table(results, metric)
+        if table:
+            parts += [f"## {title}", "", table, ""]
+    rob = _robustness_tables(results)
+    if rob:
+        parts += ["## Robustness", "", rob]
+    plots = _plots(results, out)
+    parts += [f"![{pathlib.Path(p).stem}]({pathlib.Path(p).name})" for p in plots]
+    (out / "report.md").write_text("\n".join(parts) + "\n")
+    (out / "results.json").write_text(json.dumps(list(results), indent=1))
+    return {"report": str(out / "report.md"), "plots": plots}

@@ -1,0 +1,77 @@
+"""`atdiff eval` pieces end to end on a tiny workdir: samples x NFEs, metrics, robustness, report."""
+import json
+
+import numpy as np
+import pytest
+
+from atdiff_jax.eval import report
+from test_cli import TINY, atdiff
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, mnist_data_dir):
+    workdir = tmp_path_factory.mktemp("eval") / "tiny"
+    res = atdiff("train", f"--config={TINY}", f"--workdir={workdir}",
+                 f"--config.data.data_dir={mnist_data_dir}", "--config.train.num_minibatches=2")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def results(tiny_run, mnist_data_dir):
+    return report.evaluate_workdir(
+        str(tiny_run), metrics=("fd_mnist", "robustness"), samplers=("ddim", "es"), nfes=(2, 3),
+        num_samples=12, batch_size=6, data_dir=str(mnist_data_dir), robustness_t=(10, 60),
+        robustness_radii=(0.0, 0.05, 0.1), robustness_pgd_steps=3, robustness_images=4,
+        robustness_sizes=(0.0, 0.1), robustness_samples=6, label="tiny")
+
+
+def test_results_json_has_every_cell(results, tiny_run):
+    saved = json.loads((tiny_run / "eval" / "2" / "results.json").read_text())
+    assert saved["step"] == 2 and saved["label"] == "tiny"
+    cells = {(r["sampler"], r["nfe"]) for r in saved["rows"]}
+    assert cells == {("ddim", 2), ("ddim", 3), ("es", 2), ("es", 3)}
+    for r in saved["rows"]:
+        # an untrained model's samples are far from MNIST: the distance is large and finite
+        assert np.isfinite(r["fd_mnist"]) and r["fd_mnist"] > 1.0
+        assert 0.0 < r["confidence"] <= 1.0
+
+
+def test_robustness_section(results):
+    a = results["robustness"]["attack"]
+    assert np.asarray(a["eps_attacked"]).shape == (2, 3)
+    np.testing.assert_allclose(np.asarray(a["eps_attacked"])[:, 0],
+                               np.asarray(a["eps_clean"])[:, 0], rtol=1e-5)
+    assert np.all(np.diff(np.asarray(a["eps_attacked"]), axis=1) > 0)
+    rows = results["robustness"]["sampling"]["rows"]
+    assert [(r["kind"], r["size"]) for r in rows] == [("gaussian", 0.0), ("gaussian", 0.1),
+                                                       ("adversarial", 0.0), ("adversarial", 0.1)]
+    # size 0 is the same clean DDIM run for both kinds
+    assert rows[0]["fd_mnist"] == pytest.approx(rows[2]["fd_mnist"], rel=1e-6)
+
+
+def test_report_tables_and_plots(results, tmp_path):
+    other = json.loads(json.dumps(results))
+    other["label"] = "copy"
+    out = report.write_report([results, other], str(tmp_path / "rep"))
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| sampler | model | NFE 2 | NFE 3 |" in md
+    # rows: sampler x model, in sampler order
+    lines = [ln for ln in md.splitlines() if ln.startswith("| ddim |") or ln.startswith("| es |")]
+    assert [ln.split("|")[1:3] for ln in lines[:4]] == [[" ddim ", " tiny "], [" ddim ", " copy "],
+                                                        [" es ", " tiny "], [" es ", " copy "]]
+    assert "## Robustness" in md
+    assert sorted(p.rsplit("/", 1)[1] for p in out["plots"]) == [
+        "fd_mnist_vs_nfe.png", "robustness.png"]
+    for p in out["plots"]:
+        assert (tmp_path / "rep" / p.rsplit("/", 1)[1]).stat().st_size > 1000
+
+
+def test_bad_arguments_are_named(tiny_run, mnist_data_dir):
+    with pytest.raises(report.EvalError, match="samplers"):
+        report.evaluate_workdir(str(tiny_run), samplers=("heun",), data_dir=str(mnist_data_dir))
+    with pytest.raises(report.EvalError, match="nfe"):
+        report.evaluate_workdir(str(tiny_run), nfes=(0,), data_dir=str(mnist_data_dir))
+    with pytest.raises(report.EvalError, match="convert inception"):
+        report.evaluate_workdir(str(tiny_run), metrics=("fid",), inception="/nonexistent",
+                                data_dir=str(mnist_data_dir))
