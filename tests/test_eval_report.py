@@ -75,3 +75,39 @@ def test_bad_arguments_are_named(tiny_run, mnist_data_dir):
     with pytest.raises(report.EvalError, match="convert inception"):
         report.evaluate_workdir(str(tiny_run), metrics=("fid",), inception="/nonexistent",
                                 data_dir=str(mnist_data_dir))
+
+
+@pytest.mark.slow  # ~1-4 min: converts 87 MB of weights and compiles InceptionV3 at 299x299
+def test_cli_convert_inception_then_eval_with_fid(tiny_run, mnist_data_dir, tmp_path):
+    """`atdiff convert inception` once, then `atdiff eval` reads the weights (no torch needed)."""
+    from atdiff_jax.convert.inception import find_fid_helper_weights
+    try:
+        find_fid_helper_weights()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
+    weights = tmp_path / "inception.msgpack"
+    res = atdiff("convert", "inception", f"--out={weights}")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "sha256" in res.stdout and weights.stat().st_size > 80_000_000
+    res = atdiff("eval", f"--workdir={tiny_run}", "--metrics=fd_mnist", "--samplers=ddim,dpm_solver",
+                 "--nfe=2", "--num_samples=6", "--batch_size=6", f"--data_dir={mnist_data_dir}",
+                 f"--out={tmp_path / 'rep'}", "--labels=tiny")
+    assert res.returncode == 0, res.stderr[-3000:]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| ddim | tiny |" in md and "| dpm_solver | tiny |" in md
+    # FID through the library with a small reference (the protocol uses the whole split)
+    out = report.evaluate_workdir(str(tiny_run), metrics=("fid",), samplers=("ddim",), nfes=(2,),
+                                  num_samples=6, batch_size=6, data_dir=str(mnist_data_dir),
+                                  inception=str(weights), stats_dir=str(tmp_path / "stats"),
+                                  fid_reference_num=16)
+    fid = out["rows"][0]["fid"]
+    assert np.isfinite(fid) and fid > 10.0  # noise-like samples vs real digits
+    assert list((tmp_path / "stats").glob("*.npz")), "reference statistics were not cached"
+
+
+def test_cli_eval_errors_exit_2_with_one_line(tiny_run, mnist_data_dir):
+    res = atdiff("eval", f"--workdir={tiny_run}", "--samplers=heun", f"--data_dir={mnist_data_dir}")
+    assert res.returncode == 2 and "samplers" in res.stderr and "Traceback" not in res.stderr
+    res = atdiff("eval", f"--workdir={tiny_run}", "--metrics=fid", "--inception=/nope",
+                 f"--data_dir={mnist_data_dir}")
+    assert res.returncode == 2 and "atdiff convert inception" in res.stderr
