@@ -20,5 +20,11 @@ fi
 atdiff data prepare --dataset=mnist32 --data_dir=data
 atdiff train --config="$CONFIG" --workdir="$WORKDIR" --config.data.data_dir=data "$@"
 atdiff sample --workdir="$WORKDIR" --sampler=ddim --steps=50 --num=64
+# Sample quality in seconds: the MNIST feature distance of 500 DDIM-50 samples (report.md).
+if ! atdiff eval --workdir="$WORKDIR" --metrics=fd_mnist --samplers=ddim --nfe=50 \
+    --num_samples=500 --batch_size=250 --data_dir=data --out="$WORKDIR/eval/latest"; then
+  echo "(atdiff eval --metrics=fd_mnist applies to MNIST runs only)"
+fi
 echo "metrics: $WORKDIR (TensorBoard event files; tensorboard --logdir $WORKDIR)"
 echo "samples: $WORKDIR/samples/"
+echo "sample quality: $WORKDIR/eval/latest/report.md"
