@@ -38,7 +38,7 @@ from atdiff_jax.consistency.losses import consistency_loss
 from atdiff_jax.train.ema import ema_update
 from atdiff_jax.train.experiment import Experiment
 from atdiff_jax.train.state import CMTrainState, ema_key
-from atdiff_jax.train.step import _all_finite, microbatched_grad_fn
+from atdiff_jax.train.step import _all_finite, adversary_metrics, microbatched_grad_fn
 
 __all__ = ["cm_loss_batch", "cm_schedule", "make_cm_train_step", "merge_teacher_params"]
 
@@ -187,23 +187,8 @@ def make_cm_train_step(experiment: Experiment, optimizer: optax.GradientTransfor
                                  delta_shape=x0.shape, params_of=lambda s: (s.params, s.target),
                                  apply_update=apply_update, grad_fn=grad_fn)
         state = state.replace(step=state.step + 1)
-        losses = m["loss"]
-        metrics = {"loss": jnp.mean(losses)}
-        if exp.adversary.kind == "pgd":
-            metrics["loss_adv"] = losses[0]
-        else:  # inner step 0 is clean (δ = 0); the later ones are perturbed
-            metrics["loss_clean"] = losses[0]
-            if losses.shape[0] > 1:
-                metrics["loss_adv"] = jnp.mean(losses[1:])
-        metrics.update({
-            "delta_norm": jnp.mean(m["delta_norm"][-1]),
-            "delta_grad_norm": jnp.mean(m["delta_grad_norm"]),
-            "grad_norm": jnp.mean(m["grad_norm"]),
-            "lr": jnp.asarray(lr_fn(state.updates), jnp.float32),
-            "skipped_updates": state.skipped,
-            "optimizer_updates": state.updates,
-            "target_ema": jnp.asarray(schedule["target_ema"], jnp.float32),
-        })
+        metrics = adversary_metrics(m, state, lr_fn, exp.adversary.kind)
+        metrics["target_ema"] = jnp.asarray(schedule["target_ema"], jnp.float32)
         if cm.kind != "lcm":
             metrics["num_scales"] = jnp.asarray(num_scales, jnp.int32)
         return state, metrics

@@ -80,6 +80,31 @@ def drop_labels(keys: jax.Array, labels: jax.Array, *, rate: float, null_label: 
     return jnp.where(u < rate, jnp.asarray(null_label, labels.dtype), labels)
 
 
+def adversary_metrics(m: dict, state: Any, lr_fn: Callable, kind: str) -> dict:
+    """Per-minibatch metrics from ``run_adversary``'s per-inner-step outputs ``m`` [K, ...].
+
+    ``loss`` is the mean over the K inner steps; for fast AT step 0 is clean (δ = 0), so it is
+    ``loss_clean`` and the later ones give ``loss_adv``; for PGD the single update is adversarial.
+    """
+    losses = m["loss"]
+    metrics = {"loss": jnp.mean(losses)}
+    if kind == "pgd":
+        metrics["loss_adv"] = losses[0]
+    else:
+        metrics["loss_clean"] = losses[0]
+        if losses.shape[0] > 1:
+            metrics["loss_adv"] = jnp.mean(losses[1:])
+    metrics.update({
+        "delta_norm": jnp.mean(m["delta_norm"][-1]),
+        "delta_grad_norm": jnp.mean(m["delta_grad_norm"]),
+        "grad_norm": jnp.mean(m["grad_norm"]),
+        "lr": jnp.asarray(lr_fn(state.updates), jnp.float32),
+        "skipped_updates": state.skipped,
+        "optimizer_updates": state.updates,
+    })
+    return metrics
+
+
 def make_train_step(experiment: Experiment, optimizer: optax.GradientTransformation, *,
                     seed: int, lr_fn: Callable[[Any], Any]) -> Callable:
     """Builds ``train_step(state, batch) -> (state, metrics)``.
@@ -142,22 +167,7 @@ def make_train_step(experiment: Experiment, optimizer: optax.GradientTransformat
                                  delta_shape=x0.shape, params_of=lambda s: s.params,
                                  apply_update=apply_update, grad_fn=grad_fn)
         state = state.replace(step=state.step + 1)
-        losses = m["loss"]
-        metrics = {"loss": jnp.mean(losses)}
-        if exp.adversary.kind == "pgd":
-            metrics["loss_adv"] = losses[0]
-        else:  # inner step 0 is clean (δ = 0); the later ones are perturbed
-            metrics["loss_clean"] = losses[0]
-            if losses.shape[0] > 1:
-                metrics["loss_adv"] = jnp.mean(losses[1:])
-        metrics.update({
-            "delta_norm": jnp.mean(m["delta_norm"][-1]),
-            "delta_grad_norm": jnp.mean(m["delta_grad_norm"]),
-            "grad_norm": jnp.mean(m["grad_norm"]),
-            "lr": jnp.asarray(lr_fn(state.updates), jnp.float32),
-            "skipped_updates": state.skipped,
-            "optimizer_updates": state.updates,
-        })
+        metrics = adversary_metrics(m, state, lr_fn, exp.adversary.kind)
         for k in ("mse", "vb"):
             if k in m["aux"]:
                 metrics[k] = jnp.mean(m["aux"][k])
