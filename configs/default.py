@@ -15,26 +15,26 @@ def get_config() -> ml_collections.ConfigDict:
     # ---------------------------------------------------------------- data
     c.data = d = ml_collections.ConfigDict()
     d.dataset = "mnist32"            # TFDS name; "mnist32" is built offline by `atdiff data prepare`
-    d.data_dir = ""                  # TFDS data_dir ("" = <workdir>/../data, i.e. ./data for ./runs/X)
-    d.split = "train"
+    d.data_dir = ""                  # TFDS data_dir ("" = <workdir>/../data: runs/data for runs/X)
+    d.split = "train"                # TFDS split to train on (slices such as "train[:90%]" work)
     d.random_flip = False            # random horizontal flips (CIFAR-10: True; digits: False)
     d.worker_count = 0               # grain worker processes (0 = in-process)
 
     # ---------------------------------------------------------------- model (guided-diffusion create_model)
     c.model = m = ml_collections.ConfigDict()
-    m.image_size = 32
-    m.in_channels = 1
+    m.image_size = 32                # image side in pixels (other sizes are centre-cropped/resized)
+    m.in_channels = 1                # image channels (1 for MNIST, 3 for RGB)
     m.num_channels = 64              # model_channels
-    m.num_res_blocks = 2
+    m.num_res_blocks = 2             # residual blocks per resolution
     m.channel_mult = ""              # "" = guided-diffusion's default for the image size, or "1,2,2"
     m.attention_resolutions = "16,8"  # resolutions (pixels) that get self-attention
-    m.num_heads = 4
+    m.num_heads = 4                  # attention heads (used when num_head_channels = -1)
     m.num_head_channels = -1         # -1 = use num_heads; else channels per head (overrides num_heads)
     m.num_heads_upsample = -1        # -1 = num_heads
-    m.use_scale_shift_norm = True
-    m.resblock_updown = False
-    m.use_new_attention_order = False
-    m.dropout = 0.1
+    m.use_scale_shift_norm = True    # the timestep embedding scales and shifts the res-block norm
+    m.resblock_updown = False        # residual blocks (not plain conv/pool) for up/downsampling
+    m.use_new_attention_order = False  # split qkv before the heads (QKVAttention), not legacy
+    m.dropout = 0.1                  # dropout rate in the residual blocks (training only)
     m.learn_sigma = True             # 2x output channels, hybrid loss (mse + vb)
     m.class_cond = False             # class-conditional model (needs labels in the data)
     m.num_classes = 10               # classes when class_cond
@@ -46,12 +46,12 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- diffusion (create_gaussian_diffusion)
     c.diffusion = g = ml_collections.ConfigDict()
-    g.steps = 1000
+    g.steps = 1000                   # T: timesteps of the training chain
     g.noise_schedule = "cosine"      # "linear" | "cosine"
     g.sigma_small = False            # fixed variance type when learn_sigma=False
     g.use_kl = False                 # train on the variational bound only
-    g.predict_xstart = False
-    g.rescale_timesteps = False
+    g.predict_xstart = False         # the network predicts x_0 instead of epsilon
+    g.rescale_timesteps = False      # feed t * 1000 / T to the network instead of t
     g.rescale_learned_sigmas = True  # loss = mse + vb (RESCALED_MSE)
     g.schedule_sampler = "uniform"   # "uniform" | "loss-second-moment"
     g.input_perturb = 0.0            # DDPM-IP gamma (baseline); 0 = off
@@ -69,11 +69,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- optimizer (AdamW)
     c.optim = o = ml_collections.ConfigDict()
-    o.lr = 1e-4
-    o.weight_decay = 0.0
-    o.b1 = 0.9
-    o.b2 = 0.999
-    o.eps = 1e-8
+    o.lr = 1e-4                      # learning rate (constant after the warm-up)
+    o.weight_decay = 0.0             # decoupled weight decay (torch.optim.AdamW semantics)
+    o.b1 = 0.9                       # Adam beta1
+    o.b2 = 0.999                     # Adam beta2
+    o.eps = 1e-8                     # Adam epsilon
     o.warmup_steps = 0               # linear warm-up over this many optimizer updates
     o.grad_clip = 0.0                # global-norm clipping; 0 = off (the authors use none)
 
@@ -82,15 +82,16 @@ def get_config() -> ml_collections.ConfigDict:
     t.global_batch_size = 128        # over all devices and processes
     t.microbatches = 1               # gradient accumulation: the batch is split into this many parts
     t.num_minibatches = 100_000      # training length, counted in minibatches as the paper does
-    t.ema_rates = (0.9999,)
+    t.ema_rates = (0.9999,)          # one EMA copy of the params per rate, updated after every
+                                     # optimizer update; samples and grids use the first
     t.log_every = 100                # minibatches between metric writes
     t.checkpoint_every = 1000        # minibatches between checkpoints
-    t.keep_checkpoints = 3
+    t.keep_checkpoints = 3           # newest checkpoints kept (older ones go after a newer save)
     t.sample_every = 5000            # minibatches between EMA sample grids (0 = never)
     t.num_samples = 64               # images in each sample grid
     t.sampler = "ddim"               # sampler for the grids: "ddim" | "iddpm" | "dpm_solver" (DPM);
                                      # "cm_onestep" | "cm_multistep" (consistency models)
-    t.sample_steps = 50
+    t.sample_steps = 50              # sampler steps (network evaluations) of the grids
     t.label_dropout = 0.0            # DPM, class_cond: probability of replacing a label by the
                                      # null class num_classes - 1 (classifier-free guidance
                                      # training; the labels must be < num_classes - 1, so
@@ -101,7 +102,14 @@ def get_config() -> ml_collections.ConfigDict:
     i.checkpoint = ""                # guided-diffusion .pt to start from (the paper fine-tunes)
     i.checkpoint_sha256 = ""         # optional sha256 of that file
     i.ema_checkpoint = ""            # optional .pt of EMA weights to start the EMA from
-    i.ema_checkpoint_sha256 = ""
+    i.ema_checkpoint_sha256 = ""     # optional sha256 of that file
+    i.workdir = ""                   # or an atdiff_jax DPM run to start from (the experiment's
+                                     # fine-tuning arms): its params and one EMA copy become this
+                                     # run's params and EMA copies; optimizer, timestep sampler and
+                                     # counters start fresh (as the paper's fine-tuning does).
+                                     # The network options must equal the source run's
+    i.step = -1                      # which checkpoint of init.workdir (-1 = the newest)
+    i.ema_rate = 0.0                 # which EMA copy of init.workdir (0 = its first ema_rates)
 
     # ------------------------------------------------------- consistency models (SPEC §1.6, §2.3)
     # cm.kind = "none" trains the DPM above. Otherwise the run trains a consistency model (the
@@ -141,23 +149,26 @@ def get_config() -> ml_collections.ConfigDict:
     cm.huber_c = 0.0                 # pseudo-Huber c; 0 = the default (cd/ct: 0.00054 sqrt(H W C);
                                      # lcm: 0.001)
     cm.solver = "heun"               # cd: "heun" | "euler" (ct: the Euler step with x0)
-    cm.sigma_min = 0.002             # a VP teacher is clamped to its own sigma range (cosine,
-    cm.sigma_max = 80.0              # T=1000: from 0.006), below it its t=0 prediction is used
-    cm.rho = 7.0
-    cm.sigma_data = 0.5
+    cm.sigma_min = 0.002             # smallest sigma; a VP teacher is clamped to its own sigma
+                                     # range (cosine, T=1000: from 0.006), below it its t=0
+                                     # prediction is used
+    cm.sigma_max = 80.0              # largest sigma
+    cm.rho = 7.0                     # Karras rho of the sigma discretisation
+    cm.sigma_data = 0.5              # sigma_data of the EDM c_skip / c_out / c_in scalings
     cm.weight_schedule = "uniform"   # "uniform" | "snr" | "snr+1" | "karras" | "truncated-snr"
     # lcm (VP parameterisation; δ lives in VP scale like the DPM's)
     cm.lcm = lcm = ml_collections.ConfigDict()
     lcm.skip = 20                    # k: DDIM timesteps t_n = n k - 1 of the teacher's chain
-    lcm.timestep_scaling = 10.0      # s: c_skip = sd^2/((t s)^2 + sd^2),
-    lcm.sigma_data = 0.5             # sd: c_out = t s / sqrt((t s)^2 + sd^2)
+    lcm.timestep_scaling = 10.0      # s in the boundary scalings c_skip = sd^2/((t s)^2 + sd^2)
+                                     # and c_out = t s / sqrt((t s)^2 + sd^2)
+    lcm.sigma_data = 0.5             # sd in those scalings
     lcm.guidance = False             # classifier-free guidance: w ~ U[w_min, w_max] fed to the
                                      # student through a guidance embedding; the teacher must be
                                      # class-conditional and trained with train.label_dropout > 0
                                      # (its null class num_classes - 1 is the unconditional
                                      # branch): eps = eps_c + w (eps_c - eps_null)
-    lcm.w_min = 0.0
-    lcm.w_max = 2.0
+    lcm.w_min = 0.0                  # smallest guidance scale w drawn in training
+    lcm.w_max = 2.0                  # largest guidance scale w drawn in training
     lcm.sample_w = 1.0               # w of `atdiff sample` and the grids (in [w_min, w_max])
     lcm.guidance_embed_dim = 256     # width of the sinusoidal w embedding
 

@@ -137,6 +137,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
                           "class, num_classes - 1, is the null class (num_classes >= 2)")
     if cm_kind(config) != "none":
         _validate_cm(config)
+    _validate_init(config)
     try:
         build_model(config)
         build_diffusion(config)
@@ -145,6 +146,42 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise
     except (ValueError, TypeError) as e:
         raise ConfigError(f"invalid model/diffusion/cm config: {e}") from None
+
+
+def _validate_init(config) -> None:
+    init = config.get("init", {})
+    if not init.get("workdir", ""):
+        return
+    if init.get("checkpoint", ""):
+        raise ConfigError("config.init.workdir and config.init.checkpoint both set: start from "
+                          "either an atdiff_jax run or a PyTorch checkpoint, not both")
+    if cm_kind(config) != "none":
+        raise ConfigError("config.init.workdir starts a DPM run from another DPM run; a "
+                          "consistency model starts from its teacher (config.teacher.workdir, "
+                          "cm.init_from_teacher)")
+    step = init.get("step", -1)
+    if isinstance(step, bool) or not isinstance(step, int) or step < -1:
+        raise ConfigError(f"config.init.step must be a checkpoint step or -1 (the newest), got "
+                          f"{step!r}")
+    rate = init.get("ema_rate", 0.0)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 <= rate < 1:
+        raise ConfigError(f"config.init.ema_rate must be in [0, 1) (0 = the source run's first "
+                          f"rate), got {rate!r}")
+
+
+def check_init_config(config, source_config, workdir: str) -> None:
+    """Raises :class:`ConfigError` when the DPM run in ``workdir`` (config ``source_config``) cannot
+    initialise the run ``config`` (``config.init.workdir``): a CM run, or another network."""
+    if cm_kind(source_config) != "none":
+        raise ConfigError(f"config.init.workdir: the run in {workdir} is a consistency-model run "
+                          f"(cm.kind={cm_kind(source_config)!r}); it must be a DPM run")
+    m, sm = config.model, source_config.model
+    diffs = [f"model.{k}: {m.get(k, ARCH_DEFAULTS.get(k))!r} here, "
+             f"{sm.get(k, ARCH_DEFAULTS.get(k))!r} in the source run" for k in ARCH_KEYS
+             if m.get(k, ARCH_DEFAULTS.get(k)) != sm.get(k, ARCH_DEFAULTS.get(k))]
+    if diffs:
+        raise ConfigError(f"config.init.workdir: the network differs from the run in {workdir} "
+                          "(its params are copied): " + "; ".join(diffs))
 
 
 def _validate_cm(config) -> None:

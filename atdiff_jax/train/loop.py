@@ -33,8 +33,8 @@ from atdiff_jax.train import checkpoint as ckpt
 from atdiff_jax.train import sharding
 from atdiff_jax.train.cm_step import cm_schedule, make_cm_train_step, merge_teacher_params
 from atdiff_jax.train.experiment import (ConfigError, Experiment, build_experiment,
-                                         build_optimizer, check_teacher_config, cm_kind,
-                                         lr_schedule)
+                                         build_optimizer, check_init_config,
+                                         check_teacher_config, cm_kind, lr_schedule)
 from atdiff_jax.train.state import TrainState, create_state, ema_key, init_params
 from atdiff_jax.train.step import make_train_step
 
@@ -143,6 +143,33 @@ def _initial_params(config, experiment: Experiment) -> tuple[Any, Any | None]:
     return params, ema
 
 
+def load_init_run(config) -> tuple[Any, Any] | None:
+    """``(params, ema_params)`` on the host from ``config.init.workdir`` (None when unset).
+
+    The source run's checkpoint ``init.step`` (-1: the newest) is restored whatever the device
+    count it was written with; ``init.ema_rate`` picks its EMA copy (0: its first rate).
+    """
+    init = config.init
+    if not init.get("workdir", ""):
+        return None
+    workdir = os.path.abspath(init.workdir)
+    step = None if init.get("step", -1) == -1 else int(init.step)
+    try:
+        state, source_config = restore_state(workdir, step)
+    except (ckpt.CheckpointError, FileNotFoundError) as e:
+        raise ConfigError(f"config.init.workdir={init.workdir!r}: cannot restore "
+                          f"{'the newest checkpoint' if step is None else f'step {step}'}: {e}"
+                          ) from None
+    check_init_config(config, source_config, init.workdir)
+    rate = float(init.get("ema_rate", 0.0)) or source_config.train.ema_rates[0]
+    if ema_key(rate) not in state.ema:
+        raise ConfigError(f"config.init.ema_rate={rate} is not an EMA rate of the run in "
+                          f"{init.workdir} (it has {list(source_config.train.ema_rates)})")
+    logging.info("initialised from %s step %d (params and EMA %s); optimizer, timestep sampler "
+                 "and counters fresh", workdir, int(state.step), rate)
+    return jax.device_get(state.params), jax.device_get(state.ema[ema_key(rate)])
+
+
 def _abstract_state(experiment, optimizer) -> TrainState:
     """Shapes and dtypes of the train state (nothing is computed or allocated)."""
     return jax.eval_shape(lambda: create_state(
@@ -179,6 +206,9 @@ def _initial_state(config, experiment, optimizer, shardings, teacher: Teacher | 
         host = jax.device_get(jax.jit(lambda p: create_state(experiment, optimizer, p))(params))
         logging.info("student initialised from the teacher's EMA params (%s)", teacher.workdir)
         return _put(host, shardings)
+    from_run = load_init_run(config)
+    if from_run is not None:
+        return _put(jax.device_get(create_state(experiment, optimizer, *from_run)), shardings)
     if not config.init.checkpoint:
         return jax.jit(lambda: create_state(
             experiment, optimizer, _initial_params(config, experiment)[0]),
