@@ -9,6 +9,8 @@
   atdiff eval --workdir=runs/a[,runs/b,...] --metrics=fd_mnist,fid,robustness \
       --samplers=ddim,iddpm,es,dpm_solver --nfe=5,8,10,20,50 --num_samples=N [--out=DIR]
   atdiff convert inception --out=PATH [--torchscript=PATH]
+  atdiff experiment --spec=configs/experiments/mnist.py --root=runs/experiments/mnist \
+      [--until=pretrain|gate|arms|report] [--spec.seeds=0,1 ...]
 
 ``train`` resumes automatically from the newest checkpoint in the workdir. ``sample`` reads the
 config from the checkpoint, restores the EMA params on whatever devices exist and writes
@@ -44,11 +46,19 @@ from ml_collections import config_flags  # noqa: E402
 
 from atdiff_jax.eval import samples as samples_lib  # noqa: E402
 
-COMMANDS = ("train", "sample", "data", "eval", "convert")
+COMMANDS = ("train", "sample", "data", "eval", "convert", "experiment")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                 lock_config=True)
+config_flags.DEFINE_config_file("spec", None, "experiment: the experiment spec "
+                                "(configs/experiments/mnist.py); fields can be overridden, e.g. "
+                                "--spec.seeds=0,1 --spec.finetune.num_minibatches=200.",
+                                lock_config=True)
+flags.DEFINE_string("root", None, "experiment: the experiment's directory (all runs, evaluations "
+                    "and the report); rerunning resumes.")
+flags.DEFINE_enum("until", "report", ["pretrain", "gate", "arms", "report"],
+                  "experiment: stop after this stage.")
 flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples.")
 flags.DEFINE_integer("restore_step", None, "train/sample: checkpoint step to start from "
                      "(default: the newest).")
@@ -187,6 +197,20 @@ def _eval() -> None:
     print(f"wrote {written['report']} and {len(written['plots'])} plot(s)")
 
 
+def _experiment() -> None:
+    from atdiff_jax.eval.study import run_experiment, validate_spec
+    if FLAGS.spec is None or FLAGS.root is None:
+        raise UsageError("atdiff experiment needs --spec=configs/experiments/X.py and --root=DIR")
+    from atdiff_jax.eval.study import StudyInterrupted
+    validate_spec(FLAGS.spec)
+    try:
+        report = run_experiment(FLAGS.spec, FLAGS.root, until=FLAGS.until)
+    except StudyInterrupted as e:
+        print(f"atdiff experiment: interrupted: {e}", file=sys.stderr)
+        sys.exit(3)
+    print(f"experiment in {FLAGS.root}: {report}")
+
+
 def _convert(args: list[str]) -> None:
     from atdiff_jax.convert.inception import convert_inception
     if args != ["inception"]:
@@ -227,6 +251,7 @@ def main(argv: list[str]) -> None:
     from atdiff_jax.train.experiment import ConfigError
     from atdiff_jax.eval.report import EvalError
     from atdiff_jax.convert.inception import InceptionWeightsError
+    from atdiff_jax.eval.study import StudyError
     try:
         if command == "data":
             _data(rest)
@@ -238,10 +263,12 @@ def main(argv: list[str]) -> None:
             _train()
         elif command == "eval":
             _eval()
+        elif command == "experiment":
+            _experiment()
         else:
             _sample()
     except (ConfigError, CheckpointError, DatasetNotFoundError, MnistSourceError, EvalError,
-            InceptionWeightsError, FileNotFoundError) as e:
+            InceptionWeightsError, StudyError, FileNotFoundError) as e:
         # Bad input: one clear message, no traceback, non-zero exit; nothing was overwritten.
         print(f"atdiff {command}: error: {e}", file=sys.stderr)
         sys.exit(2)

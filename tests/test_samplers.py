@@ -142,3 +142,22 @@ def test_ddim_with_the_exact_denoiser_returns_members_of_the_data(spec):
     assert dist.min(axis=1).max() < 1e-3
     # and the samples are not all the same point
     assert len(set(dist.argmin(axis=1).tolist())) >= 3
+
+
+def test_sampler_fn_is_compiled_once_per_network_chain_and_steps():
+    """Evaluating many checkpoints of one network reuses each compiled sampler."""
+    import pathlib
+    import runpy
+
+    from atdiff_jax.eval.samples import sampler_fn
+    from atdiff_jax.train.experiment import build_experiment
+    config = runpy.run_path(str(pathlib.Path(__file__).parents[1] / "configs" / "tiny.py")
+                            )["get_config"]()
+    a, b = build_experiment(config), build_experiment(config)
+    fn = sampler_fn(a.model, a.diffusion, sampler="ddim", steps=4)
+    assert sampler_fn(b.model, b.diffusion, sampler="ddim", steps=4) is fn
+    assert sampler_fn(a.model, a.diffusion, sampler="ddim", steps=5) is not fn
+    assert sampler_fn(a.model, a.diffusion.respace("50"), sampler="ddim", steps=4) is not fn
+    config.model.num_channels = 64
+    c = build_experiment(config)
+    assert sampler_fn(c.model, c.diffusion, sampler="ddim", steps=4) is not fn

@@ -153,8 +153,10 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
                      robustness_norm: str = "l2", robustness_pgd_steps: int = 10,
                      robustness_images: int = 64,
                      robustness_sizes: Sequence[float] = (0.0, 0.05, 0.1),
-                     robustness_samples: int = 500, label: str | None = None) -> dict:
-    """Evaluates one run and writes ``<workdir>/eval/<step>/results.json``; returns the results.
+                     robustness_samples: int = 500, label: str | None = None,
+                     out_file: str | os.PathLike | None = None) -> dict:
+    """Evaluates one run and writes ``<workdir>/eval/<step>/results.json`` (or ``out_file``);
+    returns the results.
 
     ``fid_reference_num`` limits the FID reference to the first N training images (None: the
     whole split, the protocol; smaller values are for smoke tests). MNIST runs whose models are
@@ -230,11 +232,12 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
             radii=robustness_radii, norm=robustness_norm, pgd_steps=robustness_pgd_steps,
             num_images=robustness_images, sample_sizes=robustness_sizes,
             num_samples=robustness_samples, mnist_ref=mnist_ref, batch_size=batch_size)
-    out = pathlib.Path(workdir) / "eval" / str(results["step"])
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "results.json.tmp"
+    out = pathlib.Path(out_file) if out_file else (
+        pathlib.Path(workdir) / "eval" / str(results["step"]) / "results.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out / "results.json")
+    os.replace(tmp, out)
     return results
 
 

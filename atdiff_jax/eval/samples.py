@@ -33,6 +33,29 @@ def sampler_fn(model, diffusion: GaussianDiffusion, *, sampler: str, steps: int,
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    # One compiled sampler per (network, chain, sampler, steps): evaluating many checkpoints of
+    # the same network (atdiff eval, atdiff experiment) compiles each sampler once.
+    key = (model, _chain_key(diffusion), sampler, int(steps), float(eps_scale), clip_denoised)
+    if key not in _SAMPLER_CACHE:
+        if len(_SAMPLER_CACHE) >= _SAMPLER_CACHE_SIZE:
+            _SAMPLER_CACHE.pop(next(iter(_SAMPLER_CACHE)))
+        _SAMPLER_CACHE[key] = _build_sampler_fn(model, diffusion, sampler=sampler, steps=steps,
+                                                eps_scale=eps_scale, clip_denoised=clip_denoised)
+    return _SAMPLER_CACHE[key]
+
+
+_SAMPLER_CACHE: dict = {}
+_SAMPLER_CACHE_SIZE = 64
+
+
+def _chain_key(diffusion: GaussianDiffusion) -> tuple:
+    """What defines a chain (its tables are computed from these)."""
+    return (diffusion.base_betas, tuple(np.asarray(diffusion.timestep_map).tolist()),
+            diffusion.model_mean_type, diffusion.model_var_type, diffusion.loss_type,
+            diffusion.rescale_timesteps)
+
+
+def _build_sampler_fn(model, diffusion, *, sampler, steps, eps_scale, clip_denoised):
     if sampler == "ddim":
         chain = diffusion.respace(f"ddim{steps}")
     elif sampler == "iddpm":

@@ -1,0 +1,670 @@
+"""``atdiff experiment``: the paper's comparison (SPEC §3.1) at MNIST scale, resumable.
+
+The experiment is described by a *spec* (``configs/experiments/mnist.py``; a smoke version is
+``configs/experiments/smoke.py``) and lives in one root directory::
+
+  <root>/pretrain/                 the clean ADM every arm starts from (a normal workdir)
+  <root>/gate.json                 quality of the starting checkpoint vs the real-data floor
+  <root>/timing.json               seconds per minibatch of clean and fast-AT steps, one process
+  <root>/arms/<arm>/seed<s>/       one fine-tuning run per (arm, training seed)
+  <root>/eval/<run>/seed<s>/<sampler>_e<k>.json   one evaluation cell (sampler x all NFEs)
+  <root>/report.md, results.json, *.png           the tables and plots
+
+Stages, in order; each one skips what is already on disk, so rerunning the same command after an
+interruption resumes (a half-trained run resumes from its last checkpoint, finished arms and
+evaluation cells are reused):
+
+1. **pretrain**: ``atdiff train`` of ``spec.pretrain.config`` in ``<root>/pretrain``.
+2. **gate**: the MNIST feature distance and classifier confidence of ``spec.gate.num_samples``
+   samples of the starting checkpoint (``spec.pretrain.start_step``), against the real-data
+   floor at the same N (two disjoint sets of real test images). The comparison only means
+   something on a model that already makes good digits; with ``spec.gate.require`` the
+   experiment stops when the start is worse than ``max_factor`` x floor or below
+   ``min_confidence``; otherwise the shortfall is reported.
+3. **timing**: seconds per minibatch of the clean and the fast-AT train steps
+   (``spec.wallclock.baseline``, ``.arm``), measured interleaved in one process. It fixes the
+   **equal wall-clock** comparison: the clean run with K times the
+   minibatches (``spec.wallclock.reference``) is also evaluated at the checkpoint nearest to
+   ``N * t(fast AT) / t(clean)`` minibatches, i.e. clean training given the time fast AT took.
+4. **arms** (per training seed, all arms of a seed before the next seed): each arm continues
+   from the start checkpoint's params and EMA with a fresh optimizer (``config.init.workdir``),
+   for ``spec.finetune.num_minibatches * minibatch_factor`` minibatches.
+5. **eval** (after each seed's arms): every sampler of ``spec.eval.samplers`` at every NFE of
+   ``spec.eval.nfes``, for every evaluation seed, plus the robustness evaluation.
+6. **report**: mean +- std over training seeds (each the mean over evaluation seeds) in the
+   paper's layout (rows sampler x arm, columns NFE), plots, wall time.
+
+Arms are given as nested overrides of the fine-tuning config; unknown keys are errors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import runpy
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from atdiff_jax.eval.report import EVAL_SAMPLERS
+
+
+class StudyError(ValueError):
+    """A bad experiment spec or root directory (named in the message)."""
+
+
+class StudyInterrupted(RuntimeError):
+    """A training run stopped before its end (SIGTERM / preemption); rerun to resume."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """One trained model the report compares: a workdir at a checkpoint step."""
+    label: str          # arm name (or "start", "<reference>@wallclock")
+    seed: int           # training seed (-1 for the start checkpoint)
+    workdir: str
+    step: int
+
+
+# ---------------------------------------------------------------------------------------------
+# Configs
+
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _load_config(path: str) -> ml_collections.ConfigDict:
+    """A config file's ``get_config()``; a relative path is tried from the working directory,
+    then from the repository root (where ``configs/`` lives)."""
+    p = pathlib.Path(path)
+    if not p.is_file() and not p.is_absolute() and (REPO / p).is_file():
+        p = REPO / p
+    if not p.is_file():
+        raise StudyError(f"config file {path!r} not found")
+    return runpy.run_path(str(p))["get_config"]()
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Any, where: str
+                    ) -> ml_collections.ConfigDict:
+    """``config`` with the nested ``overrides`` set; an unknown key is a :class:`StudyError`."""
+    config = config.copy_and_resolve_references()
+
+    def merge(node, upd, prefix):
+        for key, value in (upd.items() if upd else ()):
+            name = f"{prefix}{key}"
+            if key not in node:
+                raise StudyError(f"{where}: unknown config option {name!r}")
+            if isinstance(value, (dict, ml_collections.ConfigDict)):
+                if not isinstance(node[key], ml_collections.ConfigDict):
+                    raise StudyError(f"{where}: {name!r} is a value, not a section")
+                merge(node[key], value, name + ".")
+            else:
+                try:
+                    node[key] = tuple(value) if isinstance(value, list) else value
+                except TypeError as e:
+                    raise StudyError(f"{where}: {name}: {e}") from None
+
+    merge(config, overrides, "")
+    return config
+
+
+def validate_spec(spec: ml_collections.ConfigDict) -> None:
+    """Raises :class:`StudyError` naming the first bad field of an experiment spec."""
+    for key in ("pretrain", "finetune", "arm_order", "arms", "seeds", "gate", "eval", "wallclock"):
+        if key not in spec:
+            raise StudyError(f"spec.{key} is missing")
+    order = tuple(spec.arm_order)
+    if not order or len(set(order)) != len(order):
+        raise StudyError(f"spec.arm_order must list distinct arm names, got {order}")
+    missing = [a for a in order if a not in spec.arms]
+    if missing:
+        raise StudyError(f"spec.arm_order names arms without a spec.arms entry: {missing}")
+    for arm in order:
+        factor = spec.arms[arm].get("minibatch_factor", 1)
+        if not isinstance(factor, int) or factor < 1:
+            raise StudyError(f"spec.arms.{arm}.minibatch_factor must be an integer >= 1, "
+                             f"got {factor!r}")
+    if not spec.seeds or any(not isinstance(s, int) or s < 0 for s in spec.seeds):
+        raise StudyError(f"spec.seeds must be non-negative integers, got {tuple(spec.seeds)}")
+    if spec.finetune.num_minibatches < 1:
+        raise StudyError("spec.finetune.num_minibatches must be >= 1")
+    bad = [s for s in spec.eval.samplers if s not in EVAL_SAMPLERS]
+    if bad or not spec.eval.samplers:
+        raise StudyError(f"spec.eval.samplers must be from {EVAL_SAMPLERS}, got "
+                         f"{tuple(spec.eval.samplers)}")
+    if not spec.eval.nfes or any(int(n) < 1 for n in spec.eval.nfes):
+        raise StudyError(f"spec.eval.nfes must be integers >= 1, got {tuple(spec.eval.nfes)}")
+    if not spec.eval.seeds:
+        raise StudyError("spec.eval.seeds must not be empty")
+    wc = spec.wallclock
+    if wc.enabled:
+        for key in ("arm", "baseline", "reference"):
+            if wc[key] not in order:
+                raise StudyError(f"spec.wallclock.{key}={wc[key]!r} is not an arm of "
+                                 f"spec.arm_order {order}")
+
+
+def pretrain_config(spec, root: pathlib.Path, data_dir: str) -> ml_collections.ConfigDict:
+    config = apply_overrides(_load_config(spec.pretrain.config), spec.pretrain.overrides,
+                             "spec.pretrain.overrides")
+    config.data.data_dir = data_dir
+    return config
+
+
+def arm_config(spec, arm: str, seed: int, root: pathlib.Path, data_dir: str, start_step: int
+               ) -> ml_collections.ConfigDict:
+    """The fine-tuning config of ``arm`` with training seed ``seed``."""
+    base = apply_overrides(_load_config(spec.finetune.config), spec.finetune.overrides,
+                           "spec.finetune.overrides")
+    config = apply_overrides(base, spec.arms[arm].overrides, f"spec.arms.{arm}.overrides")
+    factor = int(spec.arms[arm].get("minibatch_factor", 1))
+    n = int(spec.finetune.num_minibatches) * factor
+    config.train.num_minibatches = n
+    # Checkpoints at 1/checkpoints of the run; the wall-clock reference keeps all of them.
+    config.train.checkpoint_every = max(1, n // int(spec.finetune.checkpoints))
+    config.train.keep_checkpoints = int(spec.finetune.checkpoints) + 1
+    config.seed = int(spec.finetune.base_seed) + seed
+    config.data.data_dir = data_dir
+    config.init.workdir = str(root / "pretrain")
+    config.init.step = int(start_step)
+    return config
+
+
+def _check_saved_config(workdir: pathlib.Path, config) -> None:
+    """A workdir written with another config is not silently reused."""
+    saved = workdir / "config.json"
+    if not saved.is_file():
+        return
+    old = json.loads(saved.read_text())
+    new = json.loads(config.to_json())
+    old.get("train", {}).pop("num_minibatches", None)   # a run may be extended
+    new.get("train", {}).pop("num_minibatches", None)
+    if old != new:
+        diff = _diff(old, new)
+        raise StudyError(f"{workdir} was trained with another config ({'; '.join(diff[:5])}); "
+                         "use another --root or delete that run")
+
+
+def _diff(a, b, prefix=""):
+    out = []
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.append(f"{prefix}{k}: {va!r} on disk, {vb!r} now")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+def _latest_step(workdir: pathlib.Path) -> int | None:
+    from atdiff_jax.train.checkpoint import create_manager
+    if not (workdir / "checkpoints").is_dir():
+        return None
+    manager = create_manager(str(workdir), read_only=True)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
+
+
+def _all_steps(workdir: pathlib.Path) -> list[int]:
+    from atdiff_jax.train.checkpoint import create_manager
+    manager = create_manager(str(workdir), read_only=True)
+    try:
+        return sorted(manager.all_steps())
+    finally:
+        manager.close()
+
+
+def train(config, workdir: pathlib.Path) -> float:
+    """Trains (or resumes, or skips a finished) run; returns the seconds spent.
+
+    Raises:
+      StudyInterrupted: the run was stopped (SIGTERM) before its last minibatch; its checkpoint
+        is written and the next invocation resumes it.
+    """
+    from atdiff_jax.train.loop import train_and_evaluate
+    _check_saved_config(workdir, config)
+    if _latest_step(workdir) == config.train.num_minibatches:
+        return 0.0
+    t0 = time.perf_counter()
+    train_and_evaluate(config, str(workdir))
+    done = _latest_step(workdir)
+    if done != config.train.num_minibatches:
+        raise StudyInterrupted(f"{workdir} stopped at minibatch {done} of "
+                               f"{config.train.num_minibatches}; rerun the same command to resume")
+    return time.perf_counter() - t0
+
+
+def _write_json(path: pathlib.Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1))
+    os.replace(tmp, path)
+
+
+def gate(spec, root: pathlib.Path, data_dir: str, start_step: int) -> dict:
+    """Quality of the starting checkpoint against the real-data floor (cached in gate.json)."""
+    from atdiff_jax.eval.mnist_fd import real_data_floor
+    from atdiff_jax.eval.report import evaluate_workdir
+    g = spec.gate
+    path = root / "gate.json"
+    key = {"step": start_step, "sampler": g.sampler, "nfe": int(g.nfe),
+           "num_samples": int(g.num_samples)}
+    if path.is_file():
+        cached = json.loads(path.read_text())
+        if all(cached.get(k) == v for k, v in key.items()):
+            return cached
+    res = evaluate_workdir(str(root / "pretrain"), metrics=("fd_mnist",), samplers=(g.sampler,),
+                           nfes=(int(g.nfe),), num_samples=int(g.num_samples), step=start_step,
+                           data_dir=data_dir, label="start",
+                           out_file=root / "eval" / "gate_samples.json")
+    row = res["rows"][0]
+    # The floor at the same N: two disjoint sets of N real test images (N <= 5000).
+    floor = real_data_floor(data_dir, num=min(int(g.num_samples), 5000))
+    out = {**key, "fd_mnist": row["fd_mnist"], "confidence": row["confidence"],
+           "frac_confident": row["frac_confident"], "floor": floor,
+           "factor": row["fd_mnist"] / floor, "max_factor": float(g.max_factor),
+           "min_confidence": float(g.min_confidence)}
+    out["passed"] = bool(out["factor"] <= g.max_factor and out["confidence"] >= g.min_confidence)
+    _write_json(path, out)
+    return out
+
+
+def measure_step_seconds(configs: dict[str, ml_collections.ConfigDict], *, repeats: int = 5
+                         ) -> dict[str, dict]:
+    """Seconds per minibatch of each config's jitted train step, timed interleaved.
+
+    Every step is compiled first, then the configs take turns (``repeats`` rounds, one minibatch
+    each) so that load changes on a shared machine hit all of them alike; the median is kept.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from atdiff_jax.train.experiment import build_experiment, build_optimizer, lr_schedule
+    from atdiff_jax.train.state import create_state, init_params
+    from atdiff_jax.train.step import make_train_step
+
+    steps, times = {}, {name: [] for name in configs}
+    for name, config in configs.items():
+        exp, opt = build_experiment(config), build_optimizer(config)
+        state = create_state(exp, opt, init_params(exp, jax.random.key(0)))
+        fn = jax.jit(make_train_step(exp, opt, seed=0, lr_fn=lr_schedule(config)),
+                     donate_argnums=0)
+        b, (h, w, c) = config.train.global_batch_size, exp.image_shape
+        batch = {"image": jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (b, h, w, c)),
+                                      jnp.float32)}
+        if config.model.class_cond:
+            batch["label"] = jnp.zeros((b,), jnp.int32)
+        state, m = fn(state, batch)       # compile + one warm-up minibatch
+        jax.block_until_ready(m)
+        steps[name] = [fn, state, batch]
+    for _ in range(repeats):
+        for name, entry in steps.items():
+            fn, state, batch = entry
+            t = time.perf_counter()
+            state, m = fn(state, batch)
+            jax.block_until_ready(m)
+            times[name].append(time.perf_counter() - t)
+            entry[1] = state
+    return {name: {"s_per_minibatch": float(np.median(t)), "times": t}
+            for name, t in times.items()}
+
+
+def timing(spec, root: pathlib.Path, data_dir: str, start_step: int) -> dict:
+    path = root / "timing.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    configs = {arm: arm_config(spec, arm, spec.seeds[0], root, data_dir, start_step)
+               for arm in (spec.wallclock.baseline, spec.wallclock.arm)}
+    out = {"arms": measure_step_seconds(configs, repeats=int(spec.wallclock.repeats))}
+    _write_json(path, out)
+    return out
+
+
+def wallclock_step(spec, timing_result: dict) -> int:
+    """Minibatches of the reference (clean) run that take as long as the AT arm's N minibatches."""
+    wc, arms = spec.wallclock, timing_result["arms"]
+    n_at = int(spec.finetune.num_minibatches) * int(spec.arms[wc.arm].get("minibatch_factor", 1))
+    return int(round(n_at * arms[wc.arm]["s_per_minibatch"]
+                     / arms[wc.baseline]["s_per_minibatch"]))
+
+
+def _nearest(steps: Sequence[int], target: int) -> int:
+    return min(steps, key=lambda s: (abs(s - target), s))
+
+
+def evaluate(spec, root: pathlib.Path, run: Run, data_dir: str) -> list[pathlib.Path]:
+    """All evaluation cells of one run (skipping those on disk); returns their files."""
+    from atdiff_jax.eval.report import evaluate_workdir
+    e = spec.eval
+    files = []
+    base = root / "eval" / run.label / (f"seed{run.seed}" if run.seed >= 0 else "start")
+    for sampler in e.samplers:
+        for k in e.seeds:
+            path = base / f"{sampler}_e{k}.json"
+            files.append(path)
+            if path.is_file() and json.loads(path.read_text()).get("step") == run.step:
+                continue
+            logging.info("experiment: evaluating %s seed %d step %d: %s, eval seed %d",
+                         run.label, run.seed, run.step, sampler, k)
+            evaluate_workdir(run.workdir, metrics=("fd_mnist",), samplers=(sampler,),
+                             nfes=tuple(int(n) for n in e.nfes), num_samples=int(e.num_samples),
+                             seed=int(k), step=run.step, data_dir=data_dir,
+                             batch_size=int(e.batch_size), label=run.label, out_file=path)
+    if e.robustness and (run.seed < 0 or run.seed in tuple(e.robustness_seeds)):
+        path = base / "robustness.json"
+        files.append(path)
+        if not (path.is_file() and json.loads(path.read_text()).get("step") == run.step):
+            logging.info("experiment: robustness of %s seed %d", run.label, run.seed)
+            evaluate_workdir(run.workdir, metrics=("robustness",), samplers=("ddim",),
+                             nfes=(10,), num_samples=2, seed=0, step=run.step,
+                             data_dir=data_dir, batch_size=int(e.batch_size), label=run.label,
+                             robustness_t=tuple(e.robustness_t),
+                             robustness_radii=tuple(e.robustness_radii),
+                             robustness_images=int(e.robustness_images),
+                             robustness_sizes=tuple(e.robustness_sizes),
+                             robustness_samples=int(e.robustness_samples), out_file=path)
+    return files
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+
+
+def _collect(root: pathlib.Path) -> list[dict]:
+    """Every evaluation cell on disk as flat rows."""
+    rows = []
+    for path in sorted((root / "eval").glob("*/*/*_e*.json")):
+        res = json.loads(path.read_text())
+        seed_dir = path.parent.name
+        seed = -1 if seed_dir == "start" else int(seed_dir[len("seed"):])
+        eval_seed = int(path.stem.rsplit("_e", 1)[1])
+        for r in res["rows"]:
+            rows.append({"label": path.parent.parent.name, "seed": seed, "eval_seed": eval_seed,
+                         "step": res["step"], **r})
+    return rows
+
+
+def _robustness_rows(root: pathlib.Path) -> list[dict]:
+    out = []
+    for path in sorted((root / "eval").glob("*/*/robustness.json")):
+        res = json.loads(path.read_text())
+        seed_dir = path.parent.name
+        out.append({"label": path.parent.parent.name,
+                    "seed": -1 if seed_dir == "start" else int(seed_dir[len("seed"):]),
+                    **res["robustness"]})
+    return out
+
+
+def summarize(rows: list[dict], metric: str) -> dict[tuple[str, str, int], dict]:
+    """(label, sampler, nfe) -> mean/std over training seeds of the per-seed eval-seed means."""
+    per_seed: dict[tuple, list[float]] = {}
+    for r in rows:
+        if metric in r:
+            per_seed.setdefault((r["label"], r["sampler"], r["nfe"], r["seed"]), []).append(
+                r[metric])
+    cells: dict[tuple, list[float]] = {}
+    for (label, sampler, nfe, _), vals in per_seed.items():
+        cells.setdefault((label, sampler, nfe), []).append(float(np.mean(vals)))
+    return {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+                "n": len(v), "values": v} for k, v in cells.items()}
+
+
+def _fmt(cell: dict | None) -> str:
+    if cell is None:
+        return ""
+    if cell["n"] > 1:
+        return f"{cell['mean']:.2f} ± {cell['std']:.2f}"
+    return f"{cell['mean']:.2f}"
+
+
+def write_report(spec, root: pathlib.Path, labels: Sequence[str], *, extra: dict) -> pathlib.Path:
+    """``<root>/report.md`` + ``results.json`` + plots from every evaluation cell on disk."""
+    rows = _collect(root)
+    nfes = sorted({r["nfe"] for r in rows})
+    samplers = [s for s in EVAL_SAMPLERS if any(r["sampler"] == s for r in rows)]
+    present = [lb for lb in labels if any(r["label"] == lb for r in rows)]
+    parts = ["# Experiment report", "",
+             f"Root `{root}`. Each cell: mean ± std over training seeds (n in the JSON) of the "
+             f"mean over {len(spec.eval.seeds)} evaluation seed(s), "
+             f"{spec.eval.num_samples} samples each.", ""]
+    g = extra.get("gate")
+    if g:
+        parts += [f"**Start checkpoint** (step {g['step']}, {g['sampler']}-{g['nfe']}, "
+                  f"{g['num_samples']} samples): fd_mnist {g['fd_mnist']:.3f} = "
+                  f"{g['factor']:.1f} x the real-data floor {g['floor']:.3f}; confidence "
+                  f"{g['confidence']:.3f} (gate: <= {g['max_factor']:g} x floor, >= "
+                  f"{g['min_confidence']:g}: {'passed' if g['passed'] else 'NOT passed'}).", ""]
+    summaries = {}
+    for metric, title in (("fd_mnist", "MNIST feature distance (lower is better)"),
+                          ("confidence", "Classifier confidence (higher is better)")):
+        summ = summarize(rows, metric)
+        summaries[metric] = {"|".join(map(str, k)): v for k, v in summ.items()}
+        if not summ:
+            continue
+        lines = ["| sampler | arm | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+                 "|---|---|" + "---|" * len(nfes)]
+        for s in samplers:
+            for lb in present:
+                if any((lb, s, n) in summ for n in nfes):
+                    lines.append(f"| {s} | {lb} | " + " | ".join(
+                        _fmt(summ.get((lb, s, n))) for n in nfes) + " |")
+        parts += [f"## {title}", "", *lines, ""]
+    rob = _robustness_rows(root)
+    if rob:
+        parts += ["## Robustness (denoiser attack: attacked eps MSE, mean over seeds)", ""]
+        radii = rob[0]["attack"]["radius"]
+        ts = rob[0]["attack"]["t"]
+        parts.append("| arm | t | " + " | ".join(f"r={r:g}" for r in radii) + " |")
+        parts.append("|---|---|" + "---|" * len(radii))
+        for lb in present:
+            mine = [r for r in rob if r["label"] == lb]
+            if not mine:
+                continue
+            att = np.mean([np.asarray(r["attack"]["eps_attacked"]) for r in mine], axis=0)
+            for i, t in enumerate(ts):
+                parts.append(f"| {lb} | {t} | " + " | ".join(f"{v:.4f}" for v in att[i]) + " |")
+        parts.append("")
+        if "sampling" in rob[0]:
+            parts += ["DDIM-10 with perturbed intermediate states: fd_mnist (mean over seeds)", "",
+                      "| arm | " + " | ".join(f"{r['kind']} {r['size']:g}"
+                                              for r in rob[0]["sampling"]["rows"]) + " |",
+                      "|---|" + "---|" * len(rob[0]["sampling"]["rows"])]
+            for lb in present:
+                mine = [r for r in rob if r["label"] == lb and "sampling" in r]
+                if mine:
+                    vals = np.mean([[x["fd_mnist"] for x in r["sampling"]["rows"]] for r in mine],
+                                   axis=0)
+                    parts.append(f"| {lb} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+            parts.append("")
+    t = extra.get("timing")
+    if t:
+        parts += ["## Cost", "", "| arm | s / minibatch (interleaved, one process) | "
+                  "minibatches | train wall time (s, as run) |", "|---|---|---|---|"]
+        wall = extra.get("wall", {})
+        for arm in spec.arm_order:
+            n = int(spec.finetune.num_minibatches) * int(spec.arms[arm].get("minibatch_factor", 1))
+            ws = [v for k, v in wall.items() if k.startswith(arm + "/")]
+            sec = f"{t['arms'][arm]['s_per_minibatch']:.3f}" if arm in t["arms"] else ""
+            parts.append(f"| {arm} | {sec} | {n} | " + (f"{np.mean(ws):.0f}" if ws else "") + " |")
+        if "wallclock_step" in extra:
+            parts += ["", f"Equal wall-clock: `{spec.wallclock.reference}@wallclock` is "
+                      f"{spec.wallclock.reference} at minibatch {extra['wallclock_step']} "
+                      f"(the nearest checkpoint to {extra['wallclock_target']})."]
+        parts.append("")
+    plots = _plot(rows, present, samplers, root)
+    parts += [f"![{p.stem}]({p.name})" for p in plots]
+    (root / "report.md").write_text("\n".join(parts) + "\n")
+    _write_json(root / "results.json", {"summary": summaries, "rows": rows, "robustness": rob,
+                                        **{k: v for k, v in extra.items()}})
+    return root / "report.md"
+
+
+def _plot(rows, labels, samplers, root: pathlib.Path) -> list[pathlib.Path]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    summ = summarize(rows, "fd_mnist")
+    if not summ:
+        return []
+    fig, axes = plt.subplots(1, len(samplers), figsize=(4 * len(samplers), 3.5), squeeze=False)
+    for ax, s in zip(axes[0], samplers):
+        for lb in labels:
+            pts = sorted((n, c["mean"], c["std"]) for (la, sa, n), c in summ.items()
+                         if la == lb and sa == s)
+            if pts:
+                n, m, sd = map(np.asarray, zip(*pts))
+                ax.errorbar(n, m, yerr=sd, marker="o", capsize=2, label=lb)
+        ax.set_title(s)
+        ax.set_xscale("log")
+        ax.set_xlabel("NFE")
+        ax.set_ylabel("fd_mnist")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    path = root / "fd_mnist_vs_nfe.png"
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return [path]
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+
+
+class _StopFlag:
+    """SIGTERM between stages: finish the current unit of work (a training run checkpoints at
+    its next step, an evaluation cell is written), then stop with :class:`StudyInterrupted`."""
+
+    def __enter__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: stopping after the current stage")
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise StudyInterrupted("SIGTERM received; everything finished so far is kept, "
+                                   "rerun the same command to resume")
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def run_experiment(spec: ml_collections.ConfigDict, root: str | os.PathLike, *,
+                   until: str = "report") -> pathlib.Path:
+    """Runs (or resumes) the experiment ``spec`` in ``root``; returns the report's path.
+
+    ``until``: stop after this stage ("pretrain", "gate", "arms" = every seed's arms and
+    evaluations, "report"). SIGTERM stops it cleanly at the next stage boundary (a training run
+    at its next step, with a checkpoint) with :class:`StudyInterrupted`.
+    """
+    with _StopFlag() as stop:
+        return _run(spec, root, until, stop)
+
+
+def _run(spec, root, until: str, stop: _StopFlag) -> pathlib.Path:
+    from atdiff_jax.data.mnist import check_prepared, prepare_mnist
+    validate_spec(spec)
+    if until not in ("pretrain", "gate", "arms", "report"):
+        raise StudyError(f"until must be pretrain|gate|arms|report, got {until!r}")
+    root = pathlib.Path(root).absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    data_dir = spec.data_dir or str(root / "data")
+    if check_prepared(data_dir) is not None:
+        prepare_mnist(data_dir)
+    wall = _load_wall(root)
+
+    # 1. pre-training
+    pre = pretrain_config(spec, root, data_dir)
+    secs = train(pre, root / "pretrain")
+    stop.check()
+    if secs:
+        wall["pretrain"] = wall.get("pretrain", 0.0) + secs
+        _save_wall(root, wall)
+    steps = _all_steps(root / "pretrain")
+    start = steps[-1] if spec.pretrain.start_step == -1 else int(spec.pretrain.start_step)
+    if start not in steps:
+        raise StudyError(f"spec.pretrain.start_step={start} is not a checkpoint of "
+                         f"{root / 'pretrain'} (has {steps})")
+    if until == "pretrain":
+        return root
+    # 2. quality gate of the start
+    g = gate(spec, root, data_dir, start)
+    stop.check()
+    logging.info("experiment: start step %d: fd_mnist %.3f (%.1f x floor %.3f), confidence %.3f",
+                 start, g["fd_mnist"], g["factor"], g["floor"], g["confidence"])
+    if spec.gate.require and not g["passed"]:
+        raise StudyError(f"the start checkpoint (step {start}) fails the quality gate: fd_mnist "
+                         f"{g['fd_mnist']:.3f} = {g['factor']:.1f} x floor (max "
+                         f"{spec.gate.max_factor}), confidence {g['confidence']:.3f} (min "
+                         f"{spec.gate.min_confidence}); pre-train longer")
+    if until == "gate":
+        return root
+    labels = ["start", *spec.arm_order]
+    extra: dict[str, Any] = {"gate": g, "wall": wall}
+    runs_start = Run("start", -1, str(root / "pretrain"), start)
+    evaluate(spec, root, runs_start, data_dir)
+    stop.check()
+    # 3. timing (for the equal wall-clock comparison)
+    if spec.wallclock.enabled:
+        extra["timing"] = timing(spec, root, data_dir, start)
+        extra["wallclock_target"] = wallclock_step(spec, extra["timing"])
+        labels.append(f"{spec.wallclock.reference}@wallclock")
+    # 4./5. arms and their evaluation, seed by seed
+    for seed in spec.seeds:
+        for arm in spec.arm_order:
+            if seed not in tuple(spec.arms[arm].get("seeds", spec.seeds)):
+                continue
+            config = arm_config(spec, arm, seed, root, data_dir, start)
+            workdir = root / "arms" / arm / f"seed{seed}"
+            secs = train(config, workdir)
+            if secs:
+                wall[f"{arm}/seed{seed}"] = wall.get(f"{arm}/seed{seed}", 0.0) + secs
+                _save_wall(root, wall)
+            stop.check()
+            evaluate(spec, root, Run(arm, seed, str(workdir), config.train.num_minibatches),
+                     data_dir)
+            stop.check()
+            if spec.wallclock.enabled and arm == spec.wallclock.reference:
+                step = _nearest(_all_steps(workdir), extra["wallclock_target"])
+                extra["wallclock_step"] = step
+                evaluate(spec, root, Run(f"{arm}@wallclock", seed, str(workdir), step), data_dir)
+        write_report(spec, root, labels, extra=extra)
+    return write_report(spec, root, labels, extra=extra)
+
+
+def _load_wall(root: pathlib.Path) -> dict:
+    path = root / "wall_seconds.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _save_wall(root: pathlib.Path, wall: dict) -> None:
+    _write_json(root / "wall_seconds.json", wall)
+
+
+def load_spec(path: str) -> ml_collections.ConfigDict:
+    spec = _load_config(path)
+    validate_spec(spec)
+    return spec
+
+
+__all__ = ["StudyError", "StudyInterrupted", "Run", "apply_overrides", "validate_spec",
+           "arm_config", "measure_step_seconds", "summarize", "run_experiment", "load_spec"]

@@ -1,0 +1,27 @@
+"""Experiment stage 2 base (issue 7): what every fine-tuning arm shares.
+
+The pre-training run's network and data, continued from its checkpoint (`atdiff experiment`
+sets config.init.workdir/step, the seed and the length): params and EMA from the checkpoint, a
+fresh AdamW at the pre-training lr, as the paper's fine-tuning does (SPEC §3.1: the optimizer
+state is not restored). The paper's AT script uses the loss-second-moment timestep sampler, which
+then sees the adversarial losses; every arm uses it here so that only the arm's own options
+differ. A 100-update warm-up keeps the fresh Adam moments from jolting a trained model (the
+paper's lr, 1e-4, is 10x smaller than this one).
+"""
+import pathlib
+import runpy
+
+_PRE = runpy.run_path(str(pathlib.Path(__file__).with_name("mnist_pretrain.py")))
+
+
+def get_config():
+    c = _PRE["get_config"]()
+    c.diffusion.schedule_sampler = "loss-second-moment"
+    c.optim.warmup_steps = 100
+    # EMA 0.995 (horizon ~200 updates) so that every arm's EMA reflects its own training: with
+    # the pre-training's 0.999, the clean arm's 500 updates would leave 61% of the start's EMA.
+    # The arms' EMA starts from the pre-training's 0.999 copy (config.init.ema_rate = 0).
+    c.train.ema_rates = (0.995,)
+    c.train.log_every = 50
+    c.train.sample_every = 0
+    return c

@@ -1,0 +1,200 @@
+"""`atdiff experiment` (atdiff_jax.eval.study): fine-tuning from a run, the smoke experiment end to
+end, resuming it, and bad specs."""
+import json
+import pathlib
+import runpy
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from atdiff_jax.eval import study
+from atdiff_jax.train.experiment import ConfigError
+
+ROOT = pathlib.Path(__file__).parent.parent
+SMOKE = ROOT / "configs" / "experiments" / "smoke.py"
+
+
+def smoke_spec(data_dir):
+    """The smoke spec cut to the arms the equal wall-clock comparison needs, one seed, one
+    sampler (the whole smoke spec runs in test_full_smoke_experiment_from_the_cli, slow)."""
+    spec = runpy.run_path(str(SMOKE))["get_config"]()
+    spec.data_dir = str(data_dir)
+    spec.arm_order = ("clean", "fast_at", "clean_kx")
+    spec.seeds = (0,)
+    spec.finetune.checkpoints = 6        # clean_kx: a checkpoint after every minibatch
+    spec.gate.nfe = 3                    # one compiled sampler for the gate and the cells
+    spec.eval.samplers = ("ddim",)
+    spec.eval.nfes = (3,)
+    spec.eval.robustness = False         # covered by test_robustness / test_eval_report
+    return spec
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory, mnist_data_dir):
+    root = tmp_path_factory.mktemp("study") / "exp"
+    spec = smoke_spec(mnist_data_dir)
+    report = study.run_experiment(spec, root)
+    return spec, root, report
+
+
+def test_smoke_experiment_writes_every_stage(smoke):
+    spec, root, report = smoke
+    from atdiff_jax.train.loop import restore_state
+    # pre-training, then each arm continued from its last checkpoint for N x factor minibatches
+    pre, _ = restore_state(str(root / "pretrain"))
+    assert int(pre.step) == 4
+    for arm, n, updates in (("clean", 2, 2), ("fast_at", 2, 6), ("clean_kx", 6, 6)):
+        state, config = restore_state(str(root / "arms" / arm / "seed0"))
+        assert (int(state.step), int(state.updates)) == (n, updates), arm
+        assert config.init.workdir == str(root / "pretrain") and config.init.step == 4
+        assert config.seed == spec.finetune.base_seed
+    # the quality gate compares the start with the real-data floor at the same N
+    gate = json.loads((root / "gate.json").read_text())
+    assert gate["step"] == 4 and gate["num_samples"] == spec.gate.num_samples
+    assert gate["floor"] > 0 and gate["factor"] == pytest.approx(gate["fd_mnist"] / gate["floor"])
+    assert gate["passed"] is False   # a 4-minibatch model makes no digits
+    # equal wall-clock: clean_kx read at the checkpoint nearest N * t(fast) / t(clean)
+    timing = json.loads((root / "timing.json").read_text())["arms"]
+    ratio = timing["fast_at"]["s_per_minibatch"] / timing["clean"]["s_per_minibatch"]
+    assert 1.2 < ratio < 6, ratio  # K=3 updates per minibatch (one backward each)
+    assert set(timing) == {"clean", "fast_at"}
+    results = json.loads((root / "results.json").read_text())
+    assert results["wallclock_target"] == round(2 * ratio)
+    assert results["wallclock_step"] == min(results["wallclock_target"], 6)
+    # one evaluation cell per (run, sampler, eval seed), with finite metrics
+    labels = {r["label"] for r in results["rows"]}
+    assert labels == {"start", "clean", "fast_at", "clean_kx", "clean_kx@wallclock"}
+    for r in results["rows"]:
+        assert r["nfe"] == 3 and r["num_samples"] == spec.eval.num_samples
+        assert np.isfinite(r["fd_mnist"]) and 0 < r["confidence"] <= 1
+    # the arms are different models: same x_T, different samples and scores
+    fd = {r["label"]: r["fd_mnist"] for r in results["rows"]}
+    if results["wallclock_step"] == 6:   # the whole clean_kx run: the same model
+        assert fd.pop("clean_kx@wallclock") == fd["clean_kx"]
+    assert len({round(v, 6) for v in fd.values()}) == len(fd), fd
+    text = report.read_text()
+    assert "| ddim | fast_at |" in text and "Equal wall-clock" in text
+    assert (root / "fd_mnist_vs_nfe.png").stat().st_size > 1000
+    wall = json.loads((root / "wall_seconds.json").read_text())
+    assert set(wall) == {"pretrain", "clean/seed0", "fast_at/seed0", "clean_kx/seed0"}
+
+
+def test_arms_start_from_the_pretrained_params_and_ema(smoke):
+    """An arm's first update starts from the start checkpoint's params; its EMA from its EMA."""
+    spec, root, _ = smoke
+    from atdiff_jax.train.loop import load_init_run, restore_state
+    from atdiff_jax.train.state import ema_key
+    pre, pre_config = restore_state(str(root / "pretrain"))
+    config = study.arm_config(spec, "clean", 0, root, spec.data_dir, 4)
+    params, ema = load_init_run(config)
+    rate = ema_key(pre_config.train.ema_rates[0])
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(pre.params)):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(ema), jax.tree.leaves(pre.ema[rate])):
+        np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, b) for a, b in
+               zip(jax.tree.leaves(params), jax.tree.leaves(ema)))
+
+
+def test_rerun_reuses_everything_and_redoes_only_what_is_missing(smoke):
+    spec, root, _ = smoke
+    cells = sorted((root / "eval").glob("*/*/*.json"))
+    mtimes = {p: p.stat().st_mtime_ns for p in cells}
+    # an interrupted evaluation (a missing cell) and an arm cut short (its last checkpoint lost)
+    lost_cell = root / "eval" / "fast_at" / "seed0" / "ddim_e0.json"
+    lost_cell.unlink()
+    shutil.rmtree(root / "arms" / "clean" / "seed0" / "checkpoints" / "2")
+    study.run_experiment(spec, root)
+    from atdiff_jax.train.loop import restore_state
+    state, _ = restore_state(str(root / "arms" / "clean" / "seed0"))
+    assert int(state.step) == 2   # resumed from checkpoint 1 and finished
+    assert lost_cell.is_file()
+    # Nothing else was recomputed: cells are keyed by checkpoint step, and the resumed clean arm
+    # ends at the same step with the same params (resuming is exact).
+    redone = {p for p in cells if p != lost_cell and p.stat().st_mtime_ns != mtimes[p]}
+    assert redone == set(), redone
+
+
+def test_bad_specs_name_the_field(mnist_data_dir, tmp_path):
+    spec = smoke_spec(mnist_data_dir)
+    spec.arm_order = ("clean", "nonsense")
+    with pytest.raises(study.StudyError, match="spec.arm_order names arms without"):
+        study.validate_spec(spec)
+    spec = smoke_spec(mnist_data_dir)
+    spec.arms.clean.overrides.adv.kindd = "none"
+    with pytest.raises(study.StudyError, match="unknown config option 'adv.kindd'"):
+        study.arm_config(spec, "clean", 0, tmp_path, str(mnist_data_dir), 4)
+    spec = smoke_spec(mnist_data_dir)
+    spec.eval.samplers = ("ddim", "heun")
+    with pytest.raises(study.StudyError, match="spec.eval.samplers must be from"):
+        study.validate_spec(spec)
+    spec = smoke_spec(mnist_data_dir)
+    spec.wallclock.reference = "pgd_at"   # not in this arm_order
+    with pytest.raises(study.StudyError, match="spec.wallclock.reference='pgd_at'"):
+        study.validate_spec(spec)
+
+
+def test_a_run_written_with_another_config_is_not_reused(smoke):
+    spec, root, _ = smoke
+    other = smoke_spec(spec.data_dir)
+    other.arms.clean.overrides.optim = {"lr": 5e-4}
+    with pytest.raises(study.StudyError, match=r"optim.lr: 0.002 on disk, 0.0005 now"):
+        study.run_experiment(other, root)
+
+
+def test_init_workdir_errors(smoke, tmp_path):
+    spec, root, _ = smoke
+    from atdiff_jax.train.experiment import validate_config
+    from atdiff_jax.train.loop import load_init_run
+    config = study.arm_config(spec, "clean", 0, root, spec.data_dir, 4)
+    config.init.step = 3
+    with pytest.raises(ConfigError, match="cannot restore step 3"):
+        load_init_run(config)
+    config.init.step = 4
+    config.model.num_channels = 16
+    with pytest.raises(ConfigError, match="model.num_channels: 16 here, 32 in the source run"):
+        load_init_run(config)
+    config = study.arm_config(spec, "clean", 0, root, spec.data_dir, 4)
+    config.init.checkpoint = "x.pt"
+    with pytest.raises(ConfigError, match="init.workdir and config.init.checkpoint both set"):
+        validate_config(config)
+    config = study.arm_config(spec, "clean", 0, tmp_path, spec.data_dir, 4)
+    with pytest.raises(ConfigError, match="cannot restore the newest checkpoint"):
+        load_init_run(config)
+
+
+@pytest.mark.slow
+def test_full_smoke_experiment_from_the_cli(tmp_path, mnist_data_dir):
+    """configs/experiments/smoke.py as it is (all arms, two seeds, two samplers, robustness)
+    through `atdiff experiment`; a SIGTERM mid-run exits 3 and the rerun finishes it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    root = tmp_path / "exp"
+    cmd = [sys.executable, "-m", "atdiff_jax.cli", "experiment", f"--spec={SMOKE}",
+           f"--root={root}", f"--spec.data_dir={mnist_data_dir}"]
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    target = root / "arms" / "fast_at" / "seed0" / "config.json"
+    while not target.exists() and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)   # while fast_at trains: it checkpoints and stops
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 3, err[-2000:]
+    assert "rerun the same command to resume" in err
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads((root / "results.json").read_text())
+    arms = {"clean", "ddpm_ip", "fast_at", "clean_kx", "pgd_at", "clean_kx@wallclock"}
+    assert {(r["label"], r["seed"]) for r in results["rows"]} == (
+        {("start", -1)} | {(a, s) for a in arms for s in (0, 1) if a != "pgd_at"}
+        | {("pgd_at", 0)})
+    assert {r["sampler"] for r in results["rows"]} == {"ddim", "dpm_solver"}
+    assert {(r["label"], r["seed"]) for r in results["robustness"]} == (
+        {("start", -1)} | {(a, 0) for a in arms})
+    summ = results["summary"]["fd_mnist"]
+    assert summ["fast_at|ddim|2"]["n"] == 2 and summ["pgd_at|ddim|2"]["n"] == 1
