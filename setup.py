@@ -24,7 +24,9 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=9.0", "pytest-xdist>=3.8"],
+    # nbclient/nbformat/ipykernel: tests/test_notebooks.py executes notebooks/*.ipynb.
+    "test": ["pytest>=9.0", "pytest-xdist>=3.8", "nbclient>=0.11.0", "nbformat>=5.11.1",
+             "ipykernel>=7.4.0"],
     # Reading PyTorch checkpoints (.pt) of guided-diffusion / AT_Diff.
     "convert": ["torch>=2.13.0"],
 }
