@@ -184,17 +184,22 @@ def _check_saved_config(workdir: pathlib.Path, config) -> None:
         return
     old = json.loads(saved.read_text())
     new = json.loads(config.to_json())
-    old.get("train", {}).pop("num_minibatches", None)   # a run may be extended
-    new.get("train", {}).pop("num_minibatches", None)
-    if old != new:
-        diff = _diff(old, new)
+    for cfg in (old, new):
+        cfg.get("train", {}).pop("num_minibatches", None)   # a run may be extended
+        cfg.get("data", {}).pop("data_dir", None)           # and its data may move
+    diff = _diff(old, new)
+    if diff:
         raise StudyError(f"{workdir} was trained with another config ({'; '.join(diff[:5])}); "
                          "use another --root or delete that run")
 
 
 def _diff(a, b, prefix=""):
+    """Differences between the config on disk ``a`` and ``b``; options absent on disk (added to
+    the library after that run was written) are not differences."""
     out = []
     for k in sorted(set(a) | set(b)):
+        if k not in a:
+            continue
         va, vb = a.get(k), b.get(k)
         if isinstance(va, dict) and isinstance(vb, dict):
             out += _diff(va, vb, f"{prefix}{k}.")
