@@ -5,7 +5,7 @@
 #       configs/cifar10_adm_at.py /shared/runs/cifar10_at /shared/tfds [extra flags...]
 #
 # jax.distributed.initialize() reads the SLURM environment by itself (--distributed). Without
-# SLURM, set the coordinator explicitly on every host instead (see launch/README.md).
+# SLURM, set the coordinator explicitly on every host instead (see docs/scale.md).
 #SBATCH --job-name=atdiff
 #SBATCH --ntasks-per-node=1
 set -euo pipefail
