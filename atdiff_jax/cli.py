@@ -252,6 +252,8 @@ def main(argv: list[str]) -> None:
     from atdiff_jax.eval.report import EvalError
     from atdiff_jax.convert.inception import InceptionWeightsError
     from atdiff_jax.eval.study import StudyError
+    from atdiff_jax.convert.guided_diffusion import CheckpointIntegrityError, StateDictMismatchError
+    from atdiff_jax.eval.mnist_fd import ClassifierWeightsError
     try:
         if command == "data":
             _data(rest)
@@ -268,7 +270,8 @@ def main(argv: list[str]) -> None:
         else:
             _sample()
     except (ConfigError, CheckpointError, DatasetNotFoundError, MnistSourceError, EvalError,
-            InceptionWeightsError, StudyError, FileNotFoundError) as e:
+            InceptionWeightsError, StudyError, CheckpointIntegrityError, StateDictMismatchError,
+            ClassifierWeightsError, FileNotFoundError) as e:
         # Bad input: one clear message, no traceback, non-zero exit; nothing was overwritten.
         print(f"atdiff {command}: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -103,3 +103,14 @@ def test_mesh_that_does_not_fit_the_devices_is_a_config_error(tmp_path, mnist_da
     assert res.returncode == 2
     assert "config.mesh.fsdp (3) must divide the number of devices (1)" in res.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_wrong_checkpoint_sha256_is_one_line_error(tmp_path, mnist_data_dir):
+    weights = tmp_path / "model.pt"
+    weights.write_bytes(b"not really a checkpoint")
+    res = atdiff("train", f"--config={TINY}", f"--workdir={tmp_path / 'run'}",
+                 f"--config.data.data_dir={mnist_data_dir}", f"--config.init.checkpoint={weights}",
+                 f"--config.init.checkpoint_sha256={'0' * 64}")
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
+    assert "sha256" in res.stderr.splitlines()[-1]
