@@ -212,24 +212,30 @@ def _diff(a, b, prefix=""):
 # Stages
 
 
-def _latest_step(workdir: pathlib.Path) -> int | None:
+def _all_steps(workdir: pathlib.Path) -> list[int]:
+    """The checkpointed steps of a run, ascending ([] when it has none yet)."""
     from atdiff_jax.train.checkpoint import create_manager
     if not (workdir / "checkpoints").is_dir():
-        return None
-    manager = create_manager(str(workdir), read_only=True)
-    try:
-        return manager.latest_step()
-    finally:
-        manager.close()
-
-
-def _all_steps(workdir: pathlib.Path) -> list[int]:
-    from atdiff_jax.train.checkpoint import create_manager
+        return []
     manager = create_manager(str(workdir), read_only=True)
     try:
         return sorted(manager.all_steps())
     finally:
         manager.close()
+
+
+def _latest_step(workdir: pathlib.Path) -> int | None:
+    steps = _all_steps(workdir)
+    return steps[-1] if steps else None
+
+
+def _seed_dir(seed: int) -> str:
+    """An evaluation cell's seed directory: ``seed<s>``, or ``start`` for the start checkpoint."""
+    return f"seed{seed}" if seed >= 0 else "start"
+
+
+def _seed_of(seed_dir: str) -> int:
+    return -1 if seed_dir == "start" else int(seed_dir[len("seed"):])
 
 
 def train(config, workdir: pathlib.Path) -> float:
@@ -295,23 +301,12 @@ def measure_step_seconds(configs: dict[str, ml_collections.ConfigDict], *, repea
     each) so that load changes on a shared machine hit all of them alike; the median is kept.
     """
     import jax
-    import jax.numpy as jnp
 
-    from atdiff_jax.train.experiment import build_experiment, build_optimizer, lr_schedule
-    from atdiff_jax.train.state import create_state, init_params
-    from atdiff_jax.train.step import make_train_step
+    from atdiff_jax.train.step import standalone_train_step
 
     steps, times = {}, {name: [] for name in configs}
     for name, config in configs.items():
-        exp, opt = build_experiment(config), build_optimizer(config)
-        state = create_state(exp, opt, init_params(exp, jax.random.key(0)))
-        fn = jax.jit(make_train_step(exp, opt, seed=0, lr_fn=lr_schedule(config)),
-                     donate_argnums=0)
-        b, (h, w, c) = config.train.global_batch_size, exp.image_shape
-        batch = {"image": jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (b, h, w, c)),
-                                      jnp.float32)}
-        if config.model.class_cond:
-            batch["label"] = jnp.zeros((b,), jnp.int32)
+        fn, state, batch = standalone_train_step(config)
         state, m = fn(state, batch)       # compile + one warm-up minibatch
         jax.block_until_ready(m)
         steps[name] = [fn, state, batch]
@@ -355,7 +350,7 @@ def evaluate(spec, root: pathlib.Path, run: Run, data_dir: str) -> list[pathlib.
     from atdiff_jax.eval.report import evaluate_workdir
     e = spec.eval
     files = []
-    base = root / "eval" / run.label / (f"seed{run.seed}" if run.seed >= 0 else "start")
+    base = root / "eval" / run.label / _seed_dir(run.seed)
     for sampler in e.samplers:
         for k in e.seeds:
             path = base / f"{sampler}_e{k}.json"
@@ -393,8 +388,7 @@ def _collect(root: pathlib.Path) -> list[dict]:
     rows = []
     for path in sorted((root / "eval").glob("*/*/*_e*.json")):
         res = json.loads(path.read_text())
-        seed_dir = path.parent.name
-        seed = -1 if seed_dir == "start" else int(seed_dir[len("seed"):])
+        seed = _seed_of(path.parent.name)
         eval_seed = int(path.stem.rsplit("_e", 1)[1])
         for r in res["rows"]:
             rows.append({"label": path.parent.parent.name, "seed": seed, "eval_seed": eval_seed,
@@ -406,9 +400,7 @@ def _robustness_rows(root: pathlib.Path) -> list[dict]:
     out = []
     for path in sorted((root / "eval").glob("*/*/robustness.json")):
         res = json.loads(path.read_text())
-        seed_dir = path.parent.name
-        out.append({"label": path.parent.parent.name,
-                    "seed": -1 if seed_dir == "start" else int(seed_dir[len("seed"):]),
+        out.append({"label": path.parent.parent.name, "seed": _seed_of(path.parent.name),
                     **res["robustness"]})
     return out
 

@@ -174,3 +174,28 @@ def make_train_step(experiment: Experiment, optimizer: optax.GradientTransformat
         return state, metrics
 
     return train_step
+
+
+def random_train_batch(config, batch: int, seed: int = 0) -> dict:
+    """A train batch of uniform [-1, 1] images of ``config``'s shape (class 0 labels for
+    class-conditional models): for timing a step without a dataset."""
+    import numpy as np
+    s, c = config.model.image_size, config.model.in_channels
+    out = {"image": jnp.asarray(np.random.default_rng(seed).uniform(-1, 1, (batch, s, s, c)),
+                                jnp.float32)}
+    if config.model.class_cond:
+        out["label"] = jnp.zeros((batch,), jnp.int32)
+    return out
+
+
+def standalone_train_step(config, seed: int = 0):
+    """``(step, state, batch)`` of a DPM config, outside the train loop: its train step jitted
+    with the state donated, a freshly initialised state and a random batch of the config's
+    global size. The experiment's equal-wall-clock timing and ``bench/`` time this."""
+    from atdiff_jax.train.experiment import build_experiment, build_optimizer, lr_schedule
+    from atdiff_jax.train.state import create_state, init_params
+    exp, opt = build_experiment(config), build_optimizer(config)
+    state = create_state(exp, opt, init_params(exp, jax.random.key(seed)))
+    step = jax.jit(make_train_step(exp, opt, seed=seed, lr_fn=lr_schedule(config)),
+                   donate_argnums=0)
+    return step, state, random_train_batch(config, config.train.global_batch_size, seed)
