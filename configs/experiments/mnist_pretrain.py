@@ -1,7 +1,7 @@
 """Experiment stage 1 (issue 7, SPEC §3.1 at MNIST scale): the clean ADM every arm fine-tunes from.
 
 The MNIST default's network (32/32/64 channels, 8 GroupNorm groups, attention at 8x8) trained
-clean, long enough to make good digits: 6,000 minibatches of 32 (= 6,000 AdamW updates) at a
+clean, long enough to make good digits: 10,000 minibatches of 32 (= 10,000 AdamW updates) at a
 constant lr of 1e-3 after a 200-update warm-up, EMA 0.999. The paper's pre-training uses the
 uniform timestep sampler (guided-diffusion's image_train.py default); its AT fine-tuning the
 loss-second-moment one (configs/experiments/mnist_arms.py). Every 500th checkpoint is kept so
@@ -19,7 +19,7 @@ def get_config():
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 200
     c.train.global_batch_size = 32
-    c.train.num_minibatches = 6000
+    c.train.num_minibatches = 10000
     c.train.ema_rates = (0.999,)
     c.train.log_every = 100
     c.train.checkpoint_every = 500
