@@ -8,6 +8,7 @@ INSTALL_REQUIRES = [
     "flax>=0.12.8",
     "optax>=0.2.8",
     "orbax-checkpoint>=0.12.8",
+    "etils[epath]>=1.15.0",  # workdirs and run files as local paths or gs:// URLs
     "ml-collections>=1.1.0",
     "clu>=0.0.12",
     "absl-py>=2.1",

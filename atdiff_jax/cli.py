@@ -32,8 +32,10 @@ For example, two processes on one machine (CPU collectives use gloo), i = 0 and 
 """
 from __future__ import annotations
 
+import difflib
 import logging
 import os
+import re
 import sys
 
 # TensorFlow is imported (not used for compute) by clu's writers and TFDS: keep it quiet.
@@ -43,6 +45,8 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+from ml_collections.config_flags import config_path  # noqa: E402
+from ml_collections.config_flags.config_flags import ConfigFileFlagParser  # noqa: E402
 
 from atdiff_jax.eval import samples as samples_lib  # noqa: E402
 
@@ -84,6 +88,9 @@ flags.DEFINE_list("samplers", ["ddim"], "eval: any of ddim, iddpm, es, dpm_solve
 flags.DEFINE_list("nfe", ["10"], "eval: numbers of network evaluations, e.g. 5,8,10,20,50.")
 flags.DEFINE_integer("num_samples", 1000, "eval: samples per (sampler, NFE); the paper uses 50000.")
 flags.DEFINE_float("es_scale", 1.017, "eval: epsilon-scaling factor of the es sampler.")
+flags.DEFINE_list("robustness_t", [], "eval --metrics=robustness: timesteps t of the denoiser "
+                  "attack, each in [0, T) (default: 5%, 20%, 50% and 80% of the run's "
+                  "diffusion.steps T, i.e. 50,200,500,800 for T = 1000).")
 flags.DEFINE_string("inception", None, "eval --metrics=fid: converted Inception weights "
                     "(atdiff convert inception); convert: see --out.")
 flags.DEFINE_string("stats_dir", None, "eval: cache of FID reference statistics "
@@ -180,8 +187,10 @@ def _eval() -> None:
         raise UsageError("atdiff eval needs --workdir=DIR[,DIR2,...] (runs with checkpoints)")
     try:
         nfes = [int(n) for n in FLAGS.nfe]
+        robustness_t = [int(t) for t in FLAGS.robustness_t] or None
     except ValueError:
-        raise UsageError(f"--nfe must be integers, got {FLAGS.nfe}") from None
+        raise UsageError(f"--nfe and --robustness_t must be integers, got {FLAGS.nfe} and "
+                         f"{FLAGS.robustness_t}") from None
     workdirs = [w for w in FLAGS.workdir.split(",") if w]
     labels = FLAGS.labels.split(",") if FLAGS.labels else [None] * len(workdirs)
     if len(labels) != len(workdirs):
@@ -191,7 +200,7 @@ def _eval() -> None:
         num_samples=FLAGS.num_samples, seed=FLAGS.seed, step=FLAGS.restore_step,
         ema_rate=FLAGS.ema_rate, batch_size=FLAGS.batch_size, data_dir=FLAGS.data_dir,
         es_scale=FLAGS.es_scale, inception=FLAGS.inception, stats_dir=FLAGS.stats_dir,
-        label=label) for w, label in zip(workdirs, labels)]
+        robustness_t=robustness_t, label=label) for w, label in zip(workdirs, labels)]
     out = FLAGS.out or os.path.join(workdirs[0], "eval", str(results[0]["step"]))
     written = report.write_report(results, out)
     print(f"wrote {written['report']} and {len(written['plots'])} plot(s)")
@@ -277,9 +286,56 @@ def main(argv: list[str]) -> None:
         sys.exit(2)
 
 
+def _config_keys(config, prefix: str = "") -> list[str]:
+    """The dotted paths of the values of a (nested) ConfigDict (``train.global_batch_size``)."""
+    keys = []
+    for k, v in config.items():
+        keys += _config_keys(v, f"{prefix}{k}.") if hasattr(v, "items") else [prefix + k]
+    return keys
+
+
+def unknown_override(argv: list[str]) -> str | None:
+    """The message for the first ``--config.x=...`` / ``--spec.x=...`` that names no field of its
+    config file (with the closest field names), or None when every override names one."""
+    for name in ("config", "spec"):
+        files = [a.split("=", 1)[1] if "=" in a else b for a, b in zip(argv, argv[1:] + [""])
+                 if re.match(rf"^--?{name}(=|$)", a)]
+        paths = [m.group(2) for a in argv if (m := re.match(rf"^--?(no)?{name}\.([^=]+)", a))]
+        if not files or not paths:
+            continue
+        config = ConfigFileFlagParser(name).parse(files[-1])
+        for path in paths:
+            try:
+                config_path.get_value(path, config)
+            except (AttributeError, KeyError, IndexError):
+                close = difflib.get_close_matches(path, _config_keys(config), n=3)
+                hint = (f"; did you mean {' or '.join(f'--{name}.{c}' for c in close)}?" if close
+                        else "; docs/configuration.md lists every option" if name == "config"
+                        else "")
+                return (f"unknown option --{name}.{path}: {files[-1].split(':')[0]} has no "
+                        f"field {path!r}{hint}")
+    return None
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with an override of an unknown config field as a one-line error."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError, IndexError) as e:
+        try:
+            message = unknown_override(argv)
+        except Exception:  # noqa: BLE001 - e.g. a config file that fails: the original error
+            raise e from None
+        if message is None:
+            raise
+    command = f"atdiff {argv[1]}" if len(argv) > 1 and argv[1] in COMMANDS else "atdiff"
+    print(f"{command}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def run() -> None:
     """Console-script entry point."""
-    app.run(main, argv=sys.argv)
+    app.run(main, argv=sys.argv, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

@@ -114,3 +114,39 @@ def test_wrong_checkpoint_sha256_is_one_line_error(tmp_path, mnist_data_dir):
     assert res.returncode == 2, res.stderr[-2000:]
     assert "Traceback" not in res.stderr
     assert "sha256" in res.stderr.splitlines()[-1]
+
+
+def test_resume_with_another_global_batch_size_is_one_line_error(tiny_run, tmp_path,
+                                                                  mnist_data_dir):
+    workdir = tmp_path / "tiny"
+    shutil.copytree(tiny_run, workdir)
+    before = sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*"))
+    config_json = (workdir / "config.json").read_text()
+    res = atdiff("train", f"--config={TINY}", f"--workdir={workdir}",
+                 f"--config.data.data_dir={mnist_data_dir}", "--config.train.global_batch_size=16",
+                 "--config.train.num_minibatches=6")
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"atdiff train: error: cannot resume {workdir} from checkpoint step 4: "
+                           "config.train.global_batch_size is 16, the run was saved with 8."), last
+    assert "resume with the saved value (--config.train.global_batch_size=8)" in last
+    # nothing was written: the same files, the saved config untouched
+    assert sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")) == before
+    assert (workdir / "config.json").read_text() == config_json
+
+
+def test_unknown_config_override_is_one_line_error_naming_close_matches(tmp_path):
+    res = atdiff("train", f"--config={TINY}", f"--workdir={tmp_path / 'run'}",
+                 "--config.train.global_bach_size=16")
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    last = res.stderr.strip().splitlines()[-1]
+    assert last.startswith("atdiff train: error: unknown option --config.train.global_bach_size: "
+                           f"{TINY} has no field 'train.global_bach_size'; did you mean "
+                           "--config.train.global_batch_size"), last
+    res = atdiff("train", f"--config={TINY}", f"--workdir={tmp_path / 'run'}",
+                 "--config.trian.seed=1")  # an unknown group
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "unknown option --config.trian.seed" in res.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()

@@ -532,13 +532,23 @@ def _message_producers(tmp_path: pathlib.Path, data_dir: pathlib.Path) -> dict:
         return (error_of(train_and_evaluate, c, str(tmp_path / "run")),
                 {f"({jax.device_count()})": "(1)"})
 
-    def data_pipeline_changed():
-        from atdiff_jax.data.pipeline import create_train_iterator
+    def data_pipeline_changed():  # what train_and_evaluate raises when set_state fails
+        from atdiff_jax.data.pipeline import DataStateMismatchError, create_train_iterator
+        from atdiff_jax.train.experiment import resume_data_error
         kw = {"dataset": "mnist32", "data_dir": data_dir, "seed": 0, "process_index": 0,
               "process_count": 1}
         state = create_train_iterator(global_batch_size=8, **kw).get_state()
         it = create_train_iterator(global_batch_size=16, **kw)
-        return "ValueError: " + error_of(it.set_state, state), {}
+        with pytest.raises(DataStateMismatchError) as e:
+            it.set_state(state)
+        return str(resume_data_error(e.value.mismatched, "/home/me/runs/x", 4)), {}
+
+    def unknown_option():
+        from atdiff_jax.cli import unknown_override
+        config = ROOT / "configs" / "mnist_adm_at.py"
+        return (unknown_override(["atdiff", "train", f"--config={config}",
+                                  "--config.train.global_bach_size=16"]),
+                {f"{ROOT}{os.sep}": ""})
 
     def sha256_mismatch():
         from atdiff_jax.convert import load_torch_state_dict
@@ -561,7 +571,7 @@ def _message_producers(tmp_path: pathlib.Path, data_dir: pathlib.Path) -> dict:
 
     return {f.__name__: f for f in (dataset_not_prepared, bad_choice, microbatches_do_not_divide,
                                     fsdp_does_not_divide, data_pipeline_changed, sha256_mismatch,
-                                    teacher_without_checkpoints)}
+                                    teacher_without_checkpoints, unknown_option)}
 
 
 def test_quoted_error_messages(tmp_path, prepared):

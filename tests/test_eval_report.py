@@ -50,6 +50,29 @@ def test_robustness_section(results):
     assert rows[0]["fd_mnist"] == pytest.approx(rows[2]["fd_mnist"], rel=1e-6)
 
 
+def test_robustness_default_t_grid_follows_the_runs_T(tiny_run, mnist_data_dir, tmp_path):
+    res = report.evaluate_workdir(
+        str(tiny_run), metrics=("robustness",), samplers=("ddim",), nfes=(2,), num_samples=2,
+        batch_size=2, data_dir=str(mnist_data_dir), robustness_radii=(0.0, 0.1),
+        robustness_pgd_steps=1, robustness_images=2, robustness_sizes=(),
+        out_file=tmp_path / "results.json")
+    a = res["robustness"]["attack"]
+    assert a["t"] == [5, 20, 50, 80]  # 5/20/50/80 % of configs/tiny.py's T = 100
+    assert np.asarray(a["eps_attacked"]).shape == (4, 2)
+    assert np.all(np.isfinite(a["eps_attacked"]))
+
+
+def test_cli_robustness_t_outside_the_chain_is_one_line_error(tiny_run, mnist_data_dir, tmp_path):
+    res = atdiff("eval", f"--workdir={tiny_run}", "--metrics=robustness", "--robustness_t=10,100",
+                 f"--data_dir={mnist_data_dir}", f"--out={tmp_path / 'rep'}")
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1] == (
+        "atdiff eval: error: robustness_t: t_values must lie in [0, 100) (T = 100 is the run's "
+        "diffusion.steps), got [100]")
+    assert not (tmp_path / "rep").exists()
+
+
 def test_report_tables_and_plots(results, tmp_path):
     other = json.loads(json.dumps(results))
     other["label"] = "copy"

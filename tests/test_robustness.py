@@ -105,6 +105,15 @@ def test_perturbations_move_the_samples(ddim_runs):
     assert np.all(np.abs(ddim_runs["adv"]) <= 1.0)
 
 
+def test_attack_timesteps_default_to_fractions_of_T():
+    assert robustness.attack_timesteps(1000) == (50, 200, 500, 800)  # the grid used so far
+    assert robustness.attack_timesteps(100) == (5, 20, 50, 80)
+    assert robustness.attack_timesteps(4000) == (200, 800, 2000, 3200)
+    assert robustness.attack_timesteps(100, [0, 99]) == (0, 99)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 100\) .* got \[100, -1\]"):
+        robustness.attack_timesteps(100, [10, 100, -1])
+
+
 def test_bad_arguments_are_named(setup):
     model_fn, diffusion, x_start = setup
     with pytest.raises(ValueError, match="t_values"):

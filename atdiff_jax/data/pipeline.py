@@ -64,6 +64,15 @@ class DatasetNotFoundError(FileNotFoundError):
     """The dataset is not prepared under ``data_dir`` (the message says how to prepare it)."""
 
 
+class DataStateMismatchError(ValueError):
+    """A saved iterator state belongs to another data order; ``mismatched`` maps each differing
+    state field (``global_batch_size``, ``seed``, ...) to ``(saved, now)``."""
+
+    def __init__(self, message: str, mismatched: dict[str, tuple[Any, Any]]):
+        super().__init__(message)
+        self.mismatched = mismatched
+
+
 # --------------------------------------------------------------------------- opening datasets
 
 
@@ -330,9 +339,10 @@ class TrainIterator(grain.DatasetIterator):
     stored once in a checkpoint (e.g. ``orbax.checkpoint.args.JsonSave(it.get_state())``) and
     restored with any number of processes. :meth:`set_state` checks that the state belongs to
     the same data order (same dataset, split, size, global batch, seed, flip, ...) and raises
-    ``ValueError`` otherwise. Being a ``grain.DatasetIterator``, it also works with grain's
-    Orbax handler (``grain.checkpoint.CheckpointSave/CheckpointRestore``), which writes one
-    JSON file per process.
+    :class:`DataStateMismatchError` (a ``ValueError``) otherwise. Being a
+    ``grain.DatasetIterator``, it also works with grain's Orbax handler
+    (``grain.checkpoint.CheckpointSave/CheckpointRestore``), which writes one JSON file per
+    process.
     """
 
     def __init__(self, loader: _BatchLoader, *, num_epochs: int | None,
@@ -429,8 +439,9 @@ class TrainIterator(grain.DatasetIterator):
         if mismatched:
             details = ", ".join(f"{k}: saved {a!r} vs now {b!r}"
                                 for k, (a, b) in sorted(mismatched.items()))
-            raise ValueError("the saved data iterator state belongs to a different input "
-                             f"pipeline ({details}); the data order cannot be resumed")
+            raise DataStateMismatchError("the saved data iterator state belongs to a different "
+                                         f"input pipeline ({details}); the data order cannot be "
+                                         "resumed", mismatched)
         step = int(state["step"])
         if step < 0:
             raise ValueError(f"invalid data iterator step {step}")

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import functools
 import os
-import pathlib
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -230,10 +230,11 @@ def fid_from_features(features1: np.ndarray, features2: np.ndarray) -> float:
 
 
 def reference_statistics_path(cache_dir: str | os.PathLike, dataset: str, split: str,
-                              num: int | None) -> pathlib.Path:
-    """``<cache_dir>/<dataset>_<split>_<num|all>.npz`` (``/`` and odd characters -> ``-``)."""
+                              num: int | None) -> epath.Path:
+    """``<cache_dir>/<dataset>_<split>_<num|all>.npz`` (``/`` and odd characters -> ``-``); the
+    cache dir may be local or a URL such as ``gs://bucket/stats``."""
     key = f"{dataset}_{split}_{'all' if num is None else int(num)}"
-    return pathlib.Path(cache_dir) / (re.sub(r"[^A-Za-z0-9_.=-]", "-", key) + ".npz")
+    return epath.Path(cache_dir) / (re.sub(r"[^A-Za-z0-9_.=-]", "-", key) + ".npz")
 
 
 def reference_statistics(params: Any, batches: Iterable[np.ndarray], *,
@@ -259,7 +260,7 @@ def reference_statistics(params: Any, batches: Iterable[np.ndarray], *,
     """
     path = reference_statistics_path(cache_dir, dataset, split, num)
     if path.is_file():
-        with np.load(path, allow_pickle=False) as f:
+        with path.open("rb") as file, np.load(file, allow_pickle=False) as f:
             if str(f["network"]) != INCEPTION_ID or (num is not None and int(f["num"]) != num):
                 raise ValueError(f"{path} holds statistics of {f['network']} over {f['num']} "
                                  f"images, not {INCEPTION_ID} over {num}; delete it to recompute")
@@ -284,10 +285,9 @@ def reference_statistics(params: Any, batches: Iterable[np.ndarray], *,
         raise ValueError(f"{dataset}/{split} has only {stats.count} images, fewer than "
                          f"num={num}; pass num={stats.count} (or num=None)")
     mu, sigma = stats.finalize()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, num=np.int64(stats.count), network=np.str_(INCEPTION_ID),
-             dataset=np.str_(dataset), split=np.str_(split))
-    os.replace(tmp, path)
+    from atdiff_jax.train.paths import write_atomic
+    write_atomic(path, lambda f: np.savez(
+        f, mu=mu, sigma=sigma, num=np.int64(stats.count), network=np.str_(INCEPTION_ID),
+        dataset=np.str_(dataset), split=np.str_(split)))
     return mu, sigma
 

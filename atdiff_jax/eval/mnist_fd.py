@@ -43,6 +43,7 @@ from typing import Any
 import flax.serialization
 import jax
 import numpy as np
+from etils import epath
 
 from atdiff_jax.eval.fid import feature_statistics, frechet_distance
 from atdiff_jax.models.classifier import MnistClassifier
@@ -309,11 +310,11 @@ def classifier_precision(samples: Any, *, params: Any = None, threshold: float =
 
 
 def reference_stats_path(cache_dir: str | os.PathLike, split: str, num: int, start: int,
-                         seed: int | None, params_id: str) -> pathlib.Path:
+                         seed: int | None, params_id: str) -> epath.Path:
     """``<cache_dir>/mnist32_<split>_<start>-<start+num>_<seed<seed>|fileorder>_<id16>.npz``."""
     order = "fileorder" if seed is None else f"seed{int(seed)}"
-    return pathlib.Path(cache_dir) / (f"{DATASET}_{split}_{start}-{start + num}_{order}_"
-                                      f"{params_id[:16]}.npz")
+    return epath.Path(cache_dir) / (f"{DATASET}_{split}_{start}-{start + num}_{order}_"
+                                    f"{params_id[:16]}.npz")
 
 
 def split_indices(split_size: int, seed: int | None) -> np.ndarray:
@@ -367,7 +368,7 @@ def reference_stats(data_dir: str | os.PathLike, split: str = "train", num: int 
     """
     params = load_classifier() if params is None else params
     pid = _params_id(params)
-    cache_dir = pathlib.Path(data_dir) / "mnist_fd_stats" if cache_dir is None else cache_dir
+    cache_dir = epath.Path(data_dir) / "mnist_fd_stats" if cache_dir is None else cache_dir
     if num is None:
         from atdiff_jax.data import get_dataset_meta
         num = get_dataset_meta(DATASET, data_dir=data_dir).num_examples[split] - start
@@ -376,18 +377,17 @@ def reference_stats(data_dir: str | os.PathLike, split: str = "train", num: int 
         raise ValueError(f"num must be >= 2, got {num}")
     path = reference_stats_path(cache_dir, split, num, start, seed, pid)
     if path.is_file():
-        with np.load(path, allow_pickle=False) as f:
+        with path.open("rb") as file, np.load(file, allow_pickle=False) as f:
             if str(f["params_id"]) != pid or int(f["num"]) != num or str(f["split"]) != split:
                 raise ValueError(f"{path} holds other statistics; delete it to recompute")
             return f["mu"], f["sigma"]
     images = reference_images(data_dir, split, num, start=start, seed=seed)
     mu, sigma = feature_statistics(classifier_features(images, params, batch_size=batch_size))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npz")
-    np.savez(tmp, mu=mu, sigma=sigma, num=np.int64(num), start=np.int64(start),
-             seed=np.int64(-1 if seed is None else seed), split=np.str_(split),
-             dataset=np.str_(DATASET), params_id=np.str_(pid))
-    os.replace(tmp, path)
+    from atdiff_jax.train.paths import write_atomic
+    write_atomic(path, lambda f: np.savez(
+        f, mu=mu, sigma=sigma, num=np.int64(num), start=np.int64(start),
+        seed=np.int64(-1 if seed is None else seed), split=np.str_(split),
+        dataset=np.str_(DATASET), params_id=np.str_(pid)))
     return mu, sigma
 
 

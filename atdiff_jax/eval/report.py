@@ -22,19 +22,20 @@ and ``dpm_solver`` (DPM-Solver++(2M)); the NFE is the number of network evaluati
 
 Results go to ``<workdir>/eval/<step>/results.json``; :func:`write_report` turns the results of
 one or more runs into ``report.md`` (tables laid out like the paper's: rows sampler x model,
-columns NFE) and PNG plots.
+columns NFE) and PNG plots. Workdirs, output and cache directories are ``etils.epath`` paths
+(local, or URLs such as ``gs://bucket/run``).
 """
 from __future__ import annotations
 
 import json
 import os
-import pathlib
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import numpy as np
+from etils import epath
 
 METRICS = ("fd_mnist", "fid", "robustness")
 EVAL_SAMPLERS = ("ddim", "iddpm", "es", "dpm_solver")
@@ -148,7 +149,7 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
                      data_dir: str | None = None, es_scale: float = DEFAULT_ES_SCALE,
                      inception: str | None = None, stats_dir: str | None = None,
                      fid_reference_num: int | None = None,
-                     robustness_t: Sequence[int] = (50, 200, 500, 800),
+                     robustness_t: Sequence[int] | None = None,
                      robustness_radii: Sequence[float] = (0.0, 0.02, 0.05, 0.1),
                      robustness_norm: str = "l2", robustness_pgd_steps: int = 10,
                      robustness_images: int = 64,
@@ -159,14 +160,20 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
     returns the results.
 
     ``fid_reference_num`` limits the FID reference to the first N training images (None: the
-    whole split, the protocol; smaller values are for smoke tests). MNIST runs whose models are
+    whole split, the protocol; smaller values are for smoke tests). ``robustness_t`` are the
+    denoiser attack's timesteps, each in [0, T) (None: 5%, 20%, 50%, 80% of the run's T,
+    :func:`atdiff_jax.eval.robustness.attack_timesteps`). MNIST runs whose models are
     not 32x32 are scored by ``fd_mnist`` after a bilinear resize to 32x32.
 
     Raises:
       EvalError: unknown metric/sampler, NFE < 1, a metric that does not apply to the run
-        (``fd_mnist`` on another dataset), or missing Inception weights for ``fid``.
+        (``fd_mnist`` on another dataset), missing Inception weights for ``fid``, or a
+        ``robustness_t`` outside [0, T).
     """
-    from atdiff_jax.train.loop import restore_for_sampling
+    from atdiff_jax.eval.robustness import attack_timesteps
+    from atdiff_jax.train.checkpoint import create_manager
+    from atdiff_jax.train.loop import default_data_dir, restore_for_sampling
+    from atdiff_jax.train.paths import workdir_path, write_atomic
 
     _check_choices("metrics", metrics, METRICS)
     _check_choices("samplers", samplers, EVAL_SAMPLERS)
@@ -179,12 +186,16 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
     if "cm" in config and config.cm.kind != "none":
         raise EvalError("atdiff eval scores diffusion (DPM) runs; this workdir holds a "
                         f"consistency model (cm.kind={config.cm.kind!r})")
-    data_dir = data_dir or config.data.data_dir or str(pathlib.Path(workdir).parent / "data")
+    if "robustness" in metrics:
+        try:
+            robustness_t = attack_timesteps(experiment.diffusion.num_timesteps, robustness_t)
+        except ValueError as e:
+            raise EvalError(f"robustness_t: {e}") from None
+    data_dir = data_dir or config.data.data_dir or default_data_dir(workdir)
     is_mnist = config.data.dataset == "mnist32"
     if "fd_mnist" in metrics and not is_mnist:
         raise EvalError(f"fd_mnist needs an MNIST run, this one trains on {config.data.dataset!r}")
     if step is None:
-        from atdiff_jax.train.checkpoint import create_manager
         step = create_manager(workdir, read_only=True).latest_step()
     ckpt_step = step
 
@@ -199,7 +210,7 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
                             "pass --inception=PATH")
         inception_params = load_inception_params(inception)
         fid_ref = _fid_reference(inception_params, config, data_dir,
-                                 stats_dir or str(pathlib.Path(data_dir) / "fid_stats"),
+                                 stats_dir or str(epath.Path(data_dir) / "fid_stats"),
                                  fid_reference_num)
 
     rows = []
@@ -222,7 +233,7 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
                 mu, sigma = feature_statistics(fid_features(inception_params, imgs))
                 row["fid"] = frechet_distance(mu, sigma, *fid_ref)
             rows.append(row)
-    results = {"workdir": os.path.abspath(workdir), "label": label or pathlib.Path(workdir).name,
+    results = {"workdir": str(workdir_path(workdir)), "label": label or workdir_path(workdir).name,
                "step": int(ckpt_step) if ckpt_step is not None else None,
                "ema_rate": ema_rate, "seed": seed, "dataset": config.data.dataset,
                "es_scale": es_scale, "metrics": list(metrics), "rows": rows}
@@ -232,12 +243,8 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
             radii=robustness_radii, norm=robustness_norm, pgd_steps=robustness_pgd_steps,
             num_images=robustness_images, sample_sizes=robustness_sizes,
             num_samples=robustness_samples, mnist_ref=mnist_ref, batch_size=batch_size)
-    out = pathlib.Path(out_file) if out_file else (
-        pathlib.Path(workdir) / "eval" / str(results["step"]) / "results.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1))
-    os.replace(tmp, out)
+    out = out_file or workdir_path(workdir) / "eval" / str(results["step"]) / "results.json"
+    write_atomic(out, lambda f: f.write(json.dumps(results, indent=1).encode()))
     return results
 
 
@@ -251,7 +258,7 @@ def _table(results: Sequence[dict], metric: str) -> str:
         return ""
     samplers = [s for s in EVAL_SAMPLERS
                 if any(r["sampler"] == s for res in results for r in res["rows"])]
-    lines = [f"| sampler | model | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+    lines = ["| sampler | model | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
              "|---|---|" + "---|" * len(nfes)]
     for s in samplers:
         for res in results:
@@ -292,10 +299,12 @@ def _robustness_tables(results: Sequence[dict]) -> str:
     return "\n".join(out)
 
 
-def _plots(results: Sequence[dict], out: pathlib.Path) -> list[str]:
+def _plots(results: Sequence[dict], out: epath.Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    from atdiff_jax.train.paths import write_atomic
     written = []
     for metric in ("fd_mnist", "fid"):
         if not any(metric in r for res in results for r in res["rows"]):
@@ -313,7 +322,7 @@ def _plots(results: Sequence[dict], out: pathlib.Path) -> list[str]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"{metric}_vs_nfe.png"
-        fig.savefig(path, dpi=100)
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
         plt.close(fig)
         written.append(str(path))
     if any(res.get("robustness") for res in results):
@@ -332,7 +341,7 @@ def _plots(results: Sequence[dict], out: pathlib.Path) -> list[str]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / "robustness.png"
-        fig.savefig(path, dpi=100)
+        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
         plt.close(fig)
         written.append(str(path))
     return written
@@ -340,7 +349,7 @@ def _plots(results: Sequence[dict], out: pathlib.Path) -> list[str]:
 
 def write_report(results: Sequence[dict], out_dir: str) -> dict[str, Any]:
     """``report.md`` + ``results.json`` + PNG plots for one or more runs' results."""
-    out = pathlib.Path(out_dir)
+    out = epath.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parts = ["# atdiff eval report", ""]
     for res in results:
@@ -358,7 +367,7 @@ def write_report(results: Sequence[dict], out_dir: str) -> dict[str, Any]:
     if rob:
         parts += ["## Robustness", "", rob]
     plots = _plots(results, out)
-    parts += [f"![{pathlib.Path(p).stem}]({pathlib.Path(p).name})" for p in plots]
+    parts += [f"![{epath.Path(p).stem}]({epath.Path(p).name})" for p in plots]
     (out / "report.md").write_text("\n".join(parts) + "\n")
     (out / "results.json").write_text(json.dumps(list(results), indent=1))
     return {"report": str(out / "report.md"), "plots": plots}

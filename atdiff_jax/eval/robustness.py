@@ -32,6 +32,27 @@ from atdiff_jax.diffusion.gaussian import GaussianDiffusion
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 PERTURB_KINDS = ("gaussian", "adversarial")
+# The denoiser attack's default timesteps in percent of T: (50, 200, 500, 800) for T = 1000.
+DEFAULT_T_PERCENT = (5, 20, 50, 80)
+
+
+def attack_timesteps(num_timesteps: int, t_values: Sequence[int] | None = None
+                     ) -> tuple[int, ...]:
+    """The denoiser attack's timesteps on a chain of T = ``num_timesteps`` steps.
+
+    ``t_values`` when given (each must lie in [0, T)); by default :data:`DEFAULT_T_PERCENT` of T,
+    rounded down: (50, 200, 500, 800) for T = 1000, (5, 20, 50, 80) for T = 100.
+
+    Raises:
+      ValueError: a t outside [0, T).
+    """
+    if t_values is None:
+        return tuple(dict.fromkeys(num_timesteps * p // 100 for p in DEFAULT_T_PERCENT))
+    bad = [int(t) for t in t_values if not 0 <= int(t) < num_timesteps]
+    if bad:
+        raise ValueError(f"t_values must lie in [0, {num_timesteps}) (T = {num_timesteps} is the "
+                         f"run's diffusion.steps), got {bad}")
+    return tuple(int(t) for t in t_values)
 
 
 def _eps_of(diffusion: GaussianDiffusion, output: jax.Array, channels: int) -> jax.Array:
@@ -121,10 +142,12 @@ def denoiser_attack(model_fn: ModelFn, diffusion: GaussianDiffusion, x_start: ja
                     radius_scaling: str = "sqrt_dim") -> dict[str, np.ndarray]:
     """The attack of :func:`pgd_attack` over a grid of timesteps and radii (one compile).
 
+    ``t_values`` are checked by :func:`attack_timesteps` (each in [0, T)).
     The same noise is used for every (t, r), so the rows differ only by t and r.
     Returns float64 arrays [len(t_values), len(radii)]: means over the batch of ``eps_clean``,
     ``eps_attacked``, ``x0_clean``, ``x0_attacked``, plus ``t`` and ``radius``.
     """
+    t_values = attack_timesteps(diffusion.num_timesteps, t_values)
     b = x_start.shape[0]
     noise = jax.random.normal(jax.random.fold_in(rng, 0), x_start.shape, jnp.float32)
 
@@ -138,8 +161,6 @@ def denoiser_attack(model_fn: ModelFn, diffusion: GaussianDiffusion, x_start: ja
     keys = ("eps_clean", "eps_attacked", "x0_clean", "x0_attacked", "delta_norm")
     res = {k: np.zeros((len(t_values), len(radii))) for k in keys}
     for i, t in enumerate(t_values):
-        if not 0 <= int(t) < diffusion.num_timesteps:
-            raise ValueError(f"t_values must lie in [0, {diffusion.num_timesteps}), got {t}")
         for j, r in enumerate(radii):
             out = one(jnp.int32(t), jnp.float32(r), jax.random.fold_in(rng, 1 + i * len(radii) + j))
             for k in keys:

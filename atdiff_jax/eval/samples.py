@@ -18,6 +18,7 @@ from atdiff_jax.consistency.lcm import lcm_sample
 from atdiff_jax.consistency.samplers import karras_sample
 from atdiff_jax.diffusion.dpm_solver import dpm_solver_sample
 from atdiff_jax.diffusion.gaussian import GaussianDiffusion
+from atdiff_jax.train.paths import write_atomic
 
 SAMPLERS = ("ddim", "iddpm", "dpm_solver")
 CM_SAMPLERS = ("cm_onestep", "cm_multistep")
@@ -172,21 +173,17 @@ def grid(images: np.ndarray, columns: int | None = None) -> np.ndarray:
     return out
 
 
-def save_png(image: np.ndarray, path: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+def save_png(image: np.ndarray, path: str | os.PathLike) -> None:
+    """Writes uint8 ``image`` [H, W, C] as a PNG (local path or URL such as ``gs://``)."""
     img = image[..., 0] if image.shape[-1] == 1 else image
-    tmp = path + ".tmp"
-    Image.fromarray(img).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    write_atomic(path, lambda f: Image.fromarray(img).save(f, format="PNG"))
 
 
 def save_samples(images: np.ndarray, labels: np.ndarray | None, out: str) -> tuple[str, str]:
     """Writes ``<out>.npz`` (``images`` uint8 [N,H,W,C], optional ``labels``) and ``<out>.png``."""
+    out = os.fspath(out)
     base = out[:-4] if out.endswith((".npz", ".png")) else out
-    os.makedirs(os.path.dirname(os.path.abspath(base)) or ".", exist_ok=True)
     arrays = {"images": images} if labels is None else {"images": images, "labels": labels}
-    tmp = base + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, base + ".npz")
+    write_atomic(base + ".npz", lambda f: np.savez(f, **arrays))
     save_png(grid(images), base + ".png")
     return base + ".npz", base + ".png"

@@ -1,8 +1,11 @@
 """Orbax checkpoints of a run: train state + data-iterator state + config, and restoring them.
 
-Layout: ``<workdir>/checkpoints/<step>/{state,data,config}``. Orbax writes each step into a
-temporary directory and renames it when complete, so an interrupted save never looks like a
-checkpoint and never touches the earlier ones. Nothing here deletes a checkpoint except Orbax's
+Layout: ``<workdir>/checkpoints/<step>/{state,data,config}``. A workdir is a local path or a URL
+that ``etils.epath`` reads (``gs://bucket/run``); it is handed to Orbax as an ``epath.Path``
+(:func:`atdiff_jax.train.paths.workdir_path`), never turned into a local path. Orbax writes each
+step into a temporary directory and renames it when complete (on ``gs://``, where there is no
+rename, it writes a commit marker last), so an interrupted save never looks like a checkpoint
+and never touches the earlier ones. Nothing here deletes a checkpoint except Orbax's
 ``max_to_keep`` after a *successful* newer save. A checkpoint that cannot be read is reported with
 its step and the steps that remain, and is left in place.
 """
@@ -15,6 +18,9 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
+
+from atdiff_jax.train.paths import workdir_path
 
 ITEMS = ("state", "data", "config")
 
@@ -23,8 +29,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, partial or unreadable (the message says which and what to do)."""
 
 
-def checkpoint_dir(workdir: str | os.PathLike) -> str:
-    return os.path.join(os.path.abspath(os.fspath(workdir)), "checkpoints")
+def checkpoint_dir(workdir: str | os.PathLike) -> epath.Path:
+    return workdir_path(workdir) / "checkpoints"
 
 
 def create_manager(workdir, *, max_to_keep: int | None = None, read_only: bool = False
@@ -48,7 +54,7 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, data_state: dict
 def _unreadable(manager, step: int, err: Exception) -> CheckpointError:
     others = [s for s in manager.all_steps() if s != step]
     hint = (f"the other checkpoints ({others}) are untouched: restore one of them with "
-            f"--restore_step=N, or move {os.path.join(manager.directory, str(step))} away to "
+            f"--restore_step=N, or move {manager.directory / str(step)} away to "
             f"resume from the newest of them" if others else
             "there is no other checkpoint to fall back to")
     return CheckpointError(f"checkpoint step {step} in {manager.directory} cannot be read "

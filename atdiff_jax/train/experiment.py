@@ -169,6 +169,32 @@ def _validate_init(config) -> None:
                           f"rate), got {rate!r}")
 
 
+# Fields of the data-iterator state (atdiff_jax.data.pipeline.TrainIterator) that fix the data
+# order of a run, and the options that set them.
+DATA_ORDER_OPTIONS = {"dataset": "data.dataset", "split": "data.split",
+                      "global_batch_size": "train.global_batch_size", "seed": "seed",
+                      "random_flip": "data.random_flip", "class_cond": "model.class_cond",
+                      "image_size": "model.image_size"}
+
+
+def resume_data_error(mismatched: dict, workdir, step: int) -> ConfigError:
+    """The error for resuming ``workdir`` at checkpoint ``step`` with options that change its
+    data order; ``mismatched`` maps data-iterator state fields to ``(saved, now)``."""
+    diffs, keep = [], []
+    for field, (saved, now) in sorted(mismatched.items()):
+        option = DATA_ORDER_OPTIONS.get(field)
+        if option is None:  # e.g. num_records: the prepared dataset itself changed
+            diffs.append(f"the dataset's {field} is {now!r}, the run was saved with {saved!r}")
+            continue
+        diffs.append(f"config.{option} is {now!r}, the run was saved with {saved!r}")
+        keep.append(f"--config.{option}={saved}")
+    fix = (f"resume with the saved value{'s' if len(keep) > 1 else ''} ({' '.join(keep)})"
+           if keep else "resume with the dataset the run was saved with")
+    return ConfigError(f"cannot resume {workdir} from checkpoint step {step}: " + "; ".join(diffs)
+                       + ". These options fix the data order stored in the checkpoint: "
+                       f"{fix}, or train in a new workdir")
+
+
 def check_init_config(config, source_config, workdir: str) -> None:
     """Raises :class:`ConfigError` when the DPM run in ``workdir`` (config ``source_config``) cannot
     initialise the run ``config`` (``config.init.workdir``): a CM run, or another network."""

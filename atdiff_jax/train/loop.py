@@ -4,7 +4,8 @@ Every process runs the same program. The state lives on a (data, fsdp) mesh over
 all processes; each process feeds its slice of the global batch. A workdir with checkpoints is
 resumed automatically (state, data-iterator position and RNG counters), which gives bit-identical
 parameters to an uninterrupted run. SIGTERM (preemption) makes every process save at the next step
-boundary and exit cleanly.
+boundary and exit cleanly. Workdirs are ``etils.epath`` paths: local, or a URL such as
+``gs://bucket/run`` (:func:`atdiff_jax.train.paths.workdir_path`).
 
 A consistency-model run (``config.cm.kind != "none"``) restores its DPM teacher's EMA params from
 ``config.teacher.workdir`` (``restore_for_sampling``; checked against the run's config before
@@ -27,14 +28,16 @@ from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
 from atdiff_jax.convert.guided_diffusion import load_torch_state_dict, params_from_state_dict
-from atdiff_jax.data.pipeline import create_train_iterator
+from atdiff_jax.data.pipeline import DataStateMismatchError, create_train_iterator
 from atdiff_jax.eval import samples as samples_lib
 from atdiff_jax.train import checkpoint as ckpt
 from atdiff_jax.train import sharding
 from atdiff_jax.train.cm_step import cm_schedule, make_cm_train_step, merge_teacher_params
 from atdiff_jax.train.experiment import (ConfigError, Experiment, build_experiment,
                                          build_optimizer, check_init_config,
-                                         check_teacher_config, cm_kind, lr_schedule)
+                                         check_teacher_config, cm_kind, lr_schedule,
+                                         resume_data_error)
+from atdiff_jax.train.paths import workdir_path
 from atdiff_jax.train.state import TrainState, create_state, ema_key, init_params
 from atdiff_jax.train.step import make_train_step
 
@@ -63,10 +66,10 @@ def load_teacher(config: ml_collections.ConfigDict) -> Teacher | None:
     kind = cm_kind(config)
     if kind == "none" or (kind == "ct" and not config.teacher.workdir):
         return None
-    workdir = os.path.abspath(config.teacher.workdir)
+    workdir = workdir_path(config.teacher.workdir)
     steps, teacher_config = [], None
     step = None if config.teacher.step == -1 else int(config.teacher.step)
-    if os.path.isdir(ckpt.checkpoint_dir(workdir)):
+    if ckpt.checkpoint_dir(workdir).is_dir():
         manager = ckpt.create_manager(workdir, read_only=True)
         try:
             steps = list(manager.all_steps())
@@ -93,11 +96,13 @@ def load_teacher(config: ml_collections.ConfigDict) -> Teacher | None:
     logging.info("teacher: %s step %s (EMA %s)", workdir, step if step is not None else max(steps),
                  rate or teacher_config.train.ema_rates[0])
     return Teacher(model=model, diffusion=experiment.diffusion, params=params,
-                   config=teacher_config, workdir=workdir)
+                   config=teacher_config, workdir=str(workdir))
 
 
-def default_data_dir(workdir: str) -> str:
-    return os.path.join(os.path.dirname(os.path.abspath(workdir)), "data")
+def default_data_dir(workdir: str | os.PathLike) -> str:
+    """``data`` beside the workdir: ``<cwd>/runs/data`` for ``runs/x``, ``gs://b/data`` for
+    ``gs://b/x``."""
+    return str(workdir_path(workdir).parent / "data")
 
 
 class _Preemption:
@@ -152,7 +157,7 @@ def load_init_run(config) -> tuple[Any, Any] | None:
     init = config.init
     if not init.get("workdir", ""):
         return None
-    workdir = os.path.abspath(init.workdir)
+    workdir = workdir_path(init.workdir)
     step = None if init.get("step", -1) == -1 else int(init.step)
     try:
         state, source_config = restore_state(workdir, step)
@@ -228,17 +233,18 @@ def _write_grid(config, experiment, state, mesh, workdir, step, writer):
         cm=experiment.cm)
     if jax.process_index() == 0:
         tile = samples_lib.grid(images)
-        samples_lib.save_png(tile, os.path.join(workdir, "samples", f"ema_{step:08d}.png"))
+        samples_lib.save_png(tile, workdir / "samples" / f"ema_{step:08d}.png")
         writer.write_images(step, {"ema_samples": tile[None]})
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
                        restore_step: int | None = None) -> TrainState:
-    """Trains (or resumes) ``config`` in ``workdir``; returns the final state."""
+    """Trains (or resumes) ``config`` in ``workdir`` (local or e.g. ``gs://``); returns the final
+    state."""
     experiment = build_experiment(config)   # validates the config first
     optimizer = build_optimizer(config)
     lr_fn = lr_schedule(config)
-    workdir = os.path.abspath(workdir)
+    workdir = workdir_path(workdir)
     data_dir = config.data.data_dir or default_data_dir(workdir)
     if jax.device_count() % config.mesh.fsdp:
         raise ConfigError(f"config.mesh.fsdp ({config.mesh.fsdp}) must divide the number of "
@@ -266,14 +272,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     if step_to_restore is not None:
         state, data_state, _ = ckpt.restore(
             manager, step_to_restore, ckpt.abstract_with_shardings(abstract, shardings))
-        iterator.set_state(data_state)
+        try:
+            iterator.set_state(data_state)
+        except DataStateMismatchError as e:
+            raise resume_data_error(e.mismatched, workdir, step_to_restore) from None
         logging.info("resumed from %s step %d", manager.directory, step_to_restore)
     else:
-        os.makedirs(workdir, exist_ok=True)
+        workdir.mkdir(parents=True, exist_ok=True)
         state = _initial_state(config, experiment, optimizer, shardings, teacher)
     if jax.process_index() == 0:
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            f.write(config.to_json(indent=2))
+        (workdir / "config.json").write_text(config.to_json(indent=2))
 
     if experiment.cm is None:
         train_step = jax.jit(
@@ -301,7 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
             return cm_step(state, batch, teacher_params, schedule)
 
     writer = metric_writers.create_default_writer(
-        workdir, just_logging=jax.process_index() > 0, asynchronous=False)
+        str(workdir), just_logging=jax.process_index() > 0, asynchronous=False)
     total = config.train.num_minibatches
     start = int(state.step)
     report = periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
