@@ -27,10 +27,9 @@ and reported as medians, so a busy spell of a shared machine hits every variant 
   persistent cache keyed on the flags), with what the optimized HLO sends to which library.
 * ``step``: the config's whole train step (its adversary, e.g. fast AT with K=3) under
   ``--step_flagsets`` (subprocess rounds as for ``flags``): the before/after on the real step.
-  A ``+affine_gn`` suffix swaps in ``AffineGroupNormResBlock`` (the UNet's GroupNorm, and the
-  FiLM after it, as one per-channel affine map: the same function to float32 rounding, same
-  params), the one model-side change found to help; ``net`` times it too and prints how far it
-  moves the loss and gradients.
+  A ``+flax_gn`` suffix puts flax's ``nn.GroupNorm`` back into the UNet (the GroupNorm it had
+  before ``unet.GroupNorm``: the same function and params): the before/after of the one change
+  found to help; ``net`` times both too and prints how far apart their losses and gradients are.
 
     python bench/cpu_gap.py --config=configs/mnist_adm_at.py --batch=32 --out=bench/results
 """
@@ -60,7 +59,6 @@ from common import (
     machine_line,
     median,
     perturb_zero_params,
-    random_batch,
     spread,
     time_interleaved,
     run_main,
@@ -69,9 +67,9 @@ from common import (
 from jax import lax
 
 from atdiff_jax.models import unet as unet_lib
-from atdiff_jax.train.experiment import build_experiment, build_model, build_optimizer, lr_schedule
-from atdiff_jax.train.state import create_state, init_params
-from atdiff_jax.train.step import make_train_step
+from atdiff_jax.train.experiment import build_experiment, build_model
+from atdiff_jax.train.state import init_params
+from atdiff_jax.train.step import standalone_train_step
 
 HERE = pathlib.Path(__file__).resolve()
 PARTS = ("net", "profile", "convs", "gn", "flags", "step")
@@ -114,79 +112,28 @@ def _net_grad(model):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
 
 
-# ---------------------------------------------------- variant: GroupNorm (+FiLM) as one affine
+# ------------------------------------------- variant: the UNet's GroupNorm before (flax's)
 
 
-class _GroupNormParams(nn.Module):
-    """The ``scale``/``bias`` params of a flax GroupNorm (same names, shapes and init)."""
-
-    @nn.compact
-    def __call__(self, c: int):
-        return (self.param("scale", nn.initializers.ones, (c,), jnp.float32),
-                self.param("bias", nn.initializers.zeros, (c,), jnp.float32))
-
-
-def group_norm_affine(x, name: str, groups: int, scale=None, shift=None):
-    """``GroupNorm(x)`` [then ``* (1 + scale) + shift``, FiLM] computed as ``x * a + d`` with
-    per-(example, channel) ``a``, ``d`` [B, C]: the same function as the UNet's GroupNorm
-    (two-pass float32 statistics, eps 1e-5) to float32 rounding, but the big [B, H, W, C] pass
-    is one multiply-add with two [B, 1, 1, C] broadcasts, which XLA:CPU fuses into a simpler
-    loop than the per-group broadcasts of normalise-then-scale-then-FiLM."""
-    c = x.shape[-1]
-    gamma, beta = _GroupNormParams(name=name)(c)
-    xf = x.astype(jnp.float32)
-    xs = xf.reshape(x.shape[:-1] + (groups, c // groups))
-    mean = xs.mean((1, 2, 4))
-    var = jnp.maximum(0.0, jnp.mean(jnp.square(xs - mean[:, None, None, :, None]), (1, 2, 4)))
-    rstd = lax.rsqrt(var + unet_lib.GROUPNORM_EPS)
-    a = jnp.repeat(rstd, c // groups, axis=1) * gamma
-    d = beta - jnp.repeat(mean, c // groups, axis=1) * a
-    if scale is not None:
-        a, d = a * (1 + scale), d * (1 + scale) + shift
-    return (xf * a[:, None, None, :] + d[:, None, None, :]).astype(x.dtype)
-
-
-class AffineGroupNormResBlock(unet_lib.ResBlock):
-    """``unet.ResBlock`` (same params, same function to float32 rounding) with its two
-    GroupNorms, and the FiLM after the second, done by :func:`group_norm_affine`."""
-
-    @nn.compact
-    def __call__(self, x, emb):
-        c_in, c_out = x.shape[-1], self.out_channels
-        h = nn.silu(group_norm_affine(x, "in_layers_0", self.norm_groups))
-        if self.up:
-            h, x = unet_lib._upsample_nearest(h), unet_lib._upsample_nearest(x)
-        elif self.down:
-            h, x = unet_lib._avg_pool2(h), unet_lib._avg_pool2(x)
-        h = unet_lib._conv(c_out, 3, c_in, name="in_layers_2", dtype=self.dtype)(h)
-        emb_dim = 2 * c_out if self.use_scale_shift_norm else c_out
-        emb_out = unet_lib._dense(emb_dim, emb.shape[-1], name="emb_layers_1",
-                                  dtype=jnp.float32)(nn.silu(emb))
-        if self.use_scale_shift_norm:
-            scale, shift = jnp.split(emb_out, 2, axis=-1)
-            h = group_norm_affine(h, "out_layers_0", self.norm_groups, scale, shift)
-        else:
-            h = group_norm_affine(h + emb_out.astype(h.dtype)[:, None, None, :], "out_layers_0",
-                                  self.norm_groups)
-        h = nn.silu(h)
-        if self.dropout > 0:
-            h = nn.Dropout(rate=self.dropout, deterministic=self.deterministic)(h)
-        h = unet_lib._conv(c_out, 3, c_out, name="out_layers_3", dtype=self.dtype, zero=True)(h)
-        if c_in != c_out:
-            x = unet_lib._conv(c_out, 1, c_in, name="skip_connection", dtype=self.dtype)(x)
-        return x + h
+def _flax_group_norm(x, name: str, groups: int = unet_lib.NUM_GROUPS, scale=None, shift=None):
+    """The UNet's GroupNorm (+FiLM) until session 4: flax's two-pass ``nn.GroupNorm`` in float32,
+    cast back, then ``* (1 + scale) + shift``. Same params and function as ``unet.GroupNorm``."""
+    y = nn.GroupNorm(num_groups=groups, epsilon=unet_lib.GROUPNORM_EPS, dtype=jnp.float32,
+                     param_dtype=jnp.float32, use_fast_variance=False, name=name)(
+                         x.astype(jnp.float32)).astype(x.dtype)
+    return y if scale is None else y * (1 + scale) + shift
 
 
 @contextlib.contextmanager
-def affine_group_norm(enabled: bool = True):
-    """Within the block, UNets built (and traced) use ``AffineGroupNormResBlock``."""
-    saved = unet_lib.ResBlock
+def flax_group_norm(enabled: bool = True):
+    """Within the block, UNets traced use flax's GroupNorm (the "before" of bench/README.md)."""
+    saved = unet_lib._group_norm
     if enabled:
-        unet_lib.ResBlock = AffineGroupNormResBlock
+        unet_lib._group_norm = _flax_group_norm
     try:
         yield
     finally:
-        unet_lib.ResBlock = saved
+        unet_lib._group_norm = saved
 
 
 def _tree_rel(a, b) -> float:
@@ -197,6 +144,9 @@ def _tree_rel(a, b) -> float:
 
 
 # ------------------------------------------------------------------------------------ net
+
+
+BEFORE_ROW = "jax f32 fwd+bwd, flax GroupNorm (before)"
 
 
 def part_net(args) -> dict:
@@ -212,9 +162,8 @@ def part_net(args) -> dict:
     c_bf16, _ = compile_timed(_net_grad(bf16_model), params, x, t)
     with jax.default_matmul_precision("bfloat16"):
         c_prec, _ = compile_timed(grad, params, x, t)
-    with affine_group_norm():  # the UNet looks ResBlock up when it is traced
-        c_affine, _ = compile_timed(_net_grad(build_model(load_config(args.config, args.set))),
-                                    params, x, t)
+    with flax_group_norm():  # the UNet looks _group_norm up when it is traced
+        c_before, _ = compile_timed(_net_grad(model), params, x, t)
 
     net = from_flax(model, jax.device_get(params))
     xt = torch.from_numpy(np.array(jnp.transpose(x, (0, 3, 1, 2))))
@@ -250,7 +199,7 @@ def part_net(args) -> dict:
     deviation = {}
     for name, c in (("jax bf16-compute fwd+bwd", c_bf16),
                     ("jax precision=bfloat16 fwd+bwd", c_prec),
-                    ("jax affine GroupNorm fwd+bwd", c_affine)):
+                    (BEFORE_ROW, c_before)):
         loss, (gp, gx) = c(params, x, t)
         deviation[name] = {"loss_rel": float(abs(loss - l32) / abs(l32)),
                            "input_grad_rel": float(jnp.linalg.norm(gx - gx32)
@@ -261,7 +210,7 @@ def part_net(args) -> dict:
         "jax f32 fwd+bwd": lambda: c_grad(params, x, t),
         "jax bf16-compute fwd+bwd": lambda: c_bf16(params, x, t),
         "jax precision=bfloat16 fwd+bwd": lambda: c_prec(params, x, t),
-        "jax affine GroupNorm fwd+bwd": lambda: c_affine(params, x, t),
+        BEFORE_ROW: lambda: c_before(params, x, t),
         f"torch NCHW fwd+bwd ({th} thr)": torch_grad(net, xt, th),
         f"torch channels_last fwd+bwd ({th} thr)": torch_grad(net_cl, xt_cl, th),
     }
@@ -298,11 +247,11 @@ def print_net(res: dict) -> None:
                                        f"{dev['input_grad_rel']:.1e}, params grad "
                                        f"{dev['param_grad_rel']:.1e} relative)" if dev else ""))
     j = rows.get("jax f32 fwd+bwd", {}).get("times")
-    a = rows.get("jax affine GroupNorm fwd+bwd", {}).get("times")
+    a = rows.get(BEFORE_ROW, {}).get("times")
     if j and a:
-        r = np.asarray(a) / np.asarray(j)
-        print(f"affine GroupNorm / f32, round by round: median {np.median(r):.3f}, faster in "
-              f"{int(np.sum(r < 1))} of {len(r)} rounds")
+        r = np.asarray(j) / np.asarray(a)
+        print(f"the UNet's GroupNorm / flax's (before), round by round: median {np.median(r):.3f}"
+              f", faster in {int(np.sum(r < 1))} of {len(r)} rounds")
 
 
 # ---------------------------------------------------------------------------------- convs
@@ -630,8 +579,12 @@ def part_gn(args) -> dict:
     fast = nn.GroupNorm(num_groups=groups, epsilon=1e-5, use_fast_variance=True)
     g_fast = jax.jit(jax.grad(lambda p, x: jnp.sum(nn.silu(fast.apply(p, x)) * x),
                               argnums=(0, 1)))
+    mine = unet_lib.GroupNorm(groups)
+    g_mine = jax.jit(jax.grad(lambda p, x: jnp.sum(nn.silu(mine.apply(p, x)) * x),
+                              argnums=(0, 1)))
     times = time_interleaved({"jax": lambda: g(p, x), "jax fast_variance": lambda: g_fast(p, x),
-                              "torch": tcall}, args.rounds * 3)
+                              "jax unet.GroupNorm": lambda: g_mine(p, x), "torch": tcall},
+                             args.rounds * 3)
     return {"shape": [b, s, s, c], "groups": groups,
             "ms": {k: median(v) * 1e3 for k, v in times.items()}}
 
@@ -661,7 +614,7 @@ def flags_worker(args) -> dict:
         jax.config.update("jax_compilation_cache_dir", args.cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    with affine_group_norm(args.affine_gn):  # traced inside, so the swap takes effect
+    with flax_group_norm(args.flax_gn):  # traced inside, so the swap takes effect
         return _flags_worker(args)
 
 
@@ -675,11 +628,7 @@ def _flags_worker(args) -> dict:
     else:
         config = load_config(args.config, args.set)
         config.train.global_batch_size = args.batch
-        exp, opt = build_experiment(config), build_optimizer(config)
-        state = create_state(exp, opt, init_params(exp, jax.random.key(0)))
-        batch = random_batch(config, args.batch)
-        step = jax.jit(make_train_step(exp, opt, seed=0, lr_fn=lr_schedule(config)),
-                       donate_argnums=0)
+        step, state, batch = standalone_train_step(config)
         compiled, compile_s = compile_timed(step, state, batch)
         holder = {"state": state}
 
@@ -691,23 +640,23 @@ def _flags_worker(args) -> dict:
     return {"compile_s": compile_s, "times": times, "hlo": hlo_summary(compiled.as_text())}
 
 
-AFFINE = "+affine_gn"  # a variant name suffix: the flag set with AffineGroupNormResBlock
+BEFORE = "+flax_gn"  # a variant name suffix: the flag set with flax's GroupNorm (before)
 
 
 def run_flagsets(args, names: list[str], what: str, cache_dir: str) -> dict:
-    """``names``: flag sets (``FLAGSETS``), each optionally suffixed with ``+affine_gn``."""
+    """``names``: flag sets (``FLAGSETS``), each optionally suffixed with ``+flax_gn``."""
     res: dict[str, dict] = {n: {"times": [], "compile_s": None, "hlo": None} for n in names}
     base_flags = [f for f in os.environ.get("XLA_FLAGS", "").split()]
     for rnd in range(args.flag_rounds):
         for name in names:
-            flagset = name.removesuffix(AFFINE)
+            flagset = name.removesuffix(BEFORE)
             env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
                        XLA_FLAGS=" ".join(base_flags + FLAGSETS[flagset].split()))
             cmd = [sys.executable, str(HERE), "--flags_worker", f"--what={what}",
                    f"--config={args.config}", f"--batch={args.batch}",
                    f"--iters={args.flag_iters}", f"--cache_dir={cache_dir}",
                    *[f"--set={s}" for s in args.set],
-                   *(["--affine_gn"] if name.endswith(AFFINE) else [])]
+                   *(["--flax_gn"] if name.endswith(BEFORE) else [])]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False,
                                   timeout=args.timeout)
             if proc.returncode:
@@ -719,8 +668,8 @@ def run_flagsets(args, names: list[str], what: str, cache_dir: str) -> dict:
             if rnd == 0:
                 res[name]["compile_s"], res[name]["hlo"] = out["compile_s"], out["hlo"]
     for name, r in res.items():
-        r["flags"] = FLAGSETS[name.removesuffix(AFFINE)]
-        r["affine_group_norm"] = name.endswith(AFFINE)
+        r["flags"] = FLAGSETS[name.removesuffix(BEFORE)]
+        r["flax_group_norm"] = name.endswith(BEFORE)
         r["s"] = median(r["times"]) if r["times"] else None
         r["spread"] = spread(r["times"]) if r["times"] else None
     return res
@@ -752,9 +701,9 @@ def main(argv=None) -> dict:
     p.add_argument("--net_only", default="both", choices=["both", "jax", "torch"],
                    help="net: time one framework alone (checks in-process interference)")
     p.add_argument("--flagsets", default=",".join(FLAGSETS))
-    p.add_argument("--step_flagsets", default="default,default+affine_gn",
-                   help="flag sets for the whole step; suffix +affine_gn: with the UNet's "
-                   "GroupNorm(+FiLM) done as one affine map (AffineGroupNormResBlock)")
+    p.add_argument("--step_flagsets", default="default,default+flax_gn",
+                   help="flag sets for the whole step; suffix +flax_gn: with flax's GroupNorm "
+                   "in the UNet (the before)")
     p.add_argument("--flag_rounds", type=int, default=3, help="subprocess rounds per flag set")
     p.add_argument("--flag_iters", type=int, default=3, help="timed calls per subprocess")
     p.add_argument("--timeout", type=float, default=900, help="seconds per subprocess")
@@ -763,7 +712,7 @@ def main(argv=None) -> dict:
     p.add_argument("--what", default="net", choices=["net", "step"], help=argparse.SUPPRESS)
     p.add_argument("--iters", type=int, default=3, help=argparse.SUPPRESS)
     p.add_argument("--cache_dir", default="", help=argparse.SUPPRESS)
-    p.add_argument("--affine_gn", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--flax_gn", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.flags_worker:
         out = flags_worker(args)
@@ -774,7 +723,7 @@ def main(argv=None) -> dict:
     if bad:
         raise BenchError(f"--parts: unknown {bad}; choose from {list(PARTS)}")
     for opt in ("flagsets", "step_flagsets"):
-        unknown = sorted({n.removesuffix(AFFINE) for n in comma_list(getattr(args, opt), name=opt)}
+        unknown = sorted({n.removesuffix(BEFORE) for n in comma_list(getattr(args, opt), name=opt)}
                          - set(FLAGSETS))
         if unknown:
             raise BenchError(f"--{opt}: unknown {unknown}; choose from {list(FLAGSETS)}")
@@ -798,7 +747,8 @@ def main(argv=None) -> dict:
         g = result["gn"]
         print(f"\n== GroupNorm({g['groups']}) + SiLU fwd+bwd at {g['shape']}: jax "
               f"{g['ms']['jax']:.2f} ms (single-pass variance: "
-              f"{g['ms']['jax fast_variance']:.2f}), torch {g['ms']['torch']:.2f} ms "
+              f"{g['ms']['jax fast_variance']:.2f}; unet.GroupNorm: {g['ms']['jax unet.GroupNorm']:.2f}), "
+              f"torch {g['ms']['torch']:.2f} ms "
               f"(jax/torch x{g['ms']['jax'] / g['ms']['torch']:.2f})")
     with tempfile.TemporaryDirectory(prefix="atdiff_cpu_gap_cache_") as cache:
         if "flags" in parts:

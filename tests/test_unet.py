@@ -325,3 +325,43 @@ def test_norm_groups_sets_every_groupnorm():
     assert np.abs(z.mean(axis=(1, 2))).max() > 0.05  # per-channel means survive inside a group
     with pytest.raises(ValueError, match="multiple of the 7 GroupNorm groups"):
         create_model(**kw, norm_groups=7).init(jax.random.key(0), x, t)
+
+
+@pytest.mark.parametrize("shape,groups,film", [((3, 8, 8, 16), 4, True), ((2, 4, 4, 32), 32, False),
+                                               ((2, 5, 3, 8), 1, True)])
+def test_group_norm_is_flax_group_norm_then_film(shape, groups, film):
+    """The UNet's GroupNorm (per-channel statistics, [B, C] factors computed once, a written-out
+    VJP; models/unet.py) is flax's two-pass ``nn.GroupNorm`` followed by the ResBlock's FiLM
+    ``* (1 + scale) + shift``: same params, outputs and all five gradients to float32 rounding."""
+    from atdiff_jax.models.unet import GroupNorm
+    b, c = shape[0], shape[-1]
+    k = jax.random.split(jax.random.key(0), 7)
+    x = 2.0 * jax.random.normal(k[0], shape) + 0.7      # a mean far from 0 tests the centring
+    scale, shift = (0.5 * jax.random.normal(k[1], (b, 1, 1, c)),
+                    0.5 * jax.random.normal(k[2], (b, 1, 1, c)))
+    ref = nn.GroupNorm(num_groups=groups, epsilon=1e-5, use_fast_variance=False)
+    params = ref.init(k[3], x)["params"]
+    assert jax.tree.structure(GroupNorm(groups).init(k[3], x)["params"]) == \
+        jax.tree.structure(params)
+    params = {"scale": 1 + 0.3 * jax.random.normal(k[4], (c,)),
+              "bias": 0.3 * jax.random.normal(k[5], (c,))}
+
+    def f_ref(p, x, scale, shift):
+        y = ref.apply({"params": p}, x)
+        return y * (1 + scale) + shift if film else y
+
+    def f_new(p, x, scale, shift):
+        return GroupNorm(groups).apply({"params": p}, x, *((scale, shift) if film else ()))
+
+    args = (params, x, scale, shift)
+    y_ref, vjp_ref = jax.vjp(f_ref, *args)
+    y_new, vjp_new = jax.jit(lambda *a: jax.vjp(f_new, *a))(*args)
+    np.testing.assert_allclose(y_new, y_ref, atol=2e-6)
+    cot = jax.random.normal(k[6], shape)
+    g_ref, g_new = vjp_ref(cot), vjp_new(cot)
+    for name, a, b_ in zip(("scale", "bias", "x", "film scale", "film shift"),
+                           jax.tree.leaves(g_new), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b_, rtol=0, atol=2e-6 * float(jnp.abs(b_).max()) + 1e-7,
+                                   err_msg=name)
+    with pytest.raises(ValueError, match="12 channels are not divisible into 8 groups"):
+        GroupNorm(8).init(k[0], jnp.zeros((1, 2, 2, 12)))

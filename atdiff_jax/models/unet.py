@@ -23,6 +23,7 @@ compute in float32 and cast back (as ``GroupNorm32`` and ``th.softmax(w.float())
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from typing import Any, NamedTuple, Sequence
@@ -122,12 +123,106 @@ def _dense(features: int, fan_in: int, *, name: str, dtype: Dtype, zero: bool = 
                     bias_init=zeros if zero else _torch_bias_init(fan_in), name=name)
 
 
-def _group_norm(x: Array, name: str, groups: int = NUM_GROUPS) -> Array:
-    """GroupNorm (guided-diffusion: 32 groups), eps 1e-5, in float32, cast back to x.dtype."""
-    y = nn.GroupNorm(num_groups=groups, epsilon=GROUPNORM_EPS, dtype=jnp.float32,
-                     param_dtype=jnp.float32, use_fast_variance=False, name=name)(
-                         x.astype(jnp.float32))
-    return y.astype(x.dtype)
+def _once(ref: Array, *xs: Array) -> tuple[Array, ...]:
+    """``xs`` unchanged, divided by an exact, data-dependent 1 (``ref / ref``, ``ref`` > 0).
+
+    XLA:CPU does not fuse an "expensive" producer (a divide) into a consumer that broadcasts it,
+    so small ``[B, C]`` factors passed through here are computed once, not recomputed inside the
+    big ``[B, H, W, C]`` loop that uses them, which makes that loop ~10x slower (bench/README.md).
+    ``lax.optimization_barrier`` would say this directly, but XLA:CPU drops barriers. Elsewhere
+    this costs one tiny divide."""
+    one = jax.lax.stop_gradient(ref) / jax.lax.stop_gradient(ref)
+    return tuple(x / one for x in xs)
+
+
+def _group_stats(x: Array, groups: int, eps: float):
+    """Per-(example, channel) group mean, 1/std and var + eps of ``x`` [B, ..., C] (two-pass),
+    from per-channel sums over the spatial axes; and the group-mean function of [B, C] sums."""
+    b, c = x.shape[0], x.shape[-1]
+    per, axes = c // groups, tuple(range(1, x.ndim - 1))
+    n = per * math.prod(x.shape[1:-1])
+
+    def group_mean(per_channel_sum):    # [B, C] sums -> [B, C] mean over each channel's group
+        g = per_channel_sum.reshape(b, groups, per).sum(-1) / n
+        return jnp.repeat(g, per, axis=1)
+
+    mean = group_mean(x.sum(axes))
+    var_eps = group_mean(jnp.square(x - _bc(mean, x)).sum(axes)) + eps
+    return mean, jax.lax.rsqrt(var_eps), var_eps, group_mean, axes
+
+
+def _bc(v: Array, x: Array) -> Array:
+    """[B, C] -> [B, 1, ..., 1, C], broadcastable against ``x``."""
+    return v.reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def group_norm_film(x: Array, gamma: Array, beta: Array, scale: Array, shift: Array,
+                    groups: int, eps: float) -> Array:
+    """``GroupNorm(x) * gamma + beta``, then ``* (1 + scale) + shift`` (FiLM; [B, C] each), for
+    ``x`` [B, ..., C] in float32: ``(x - m) * A + D`` with [B, C] factors. Its VJP is written
+    out as one more such pass (``g * A + (x - m) * P + Q``) after two per-channel reductions, so
+    that XLA:CPU runs no per-pixel arithmetic on [B, C] quantities (see :func:`_once`)."""
+    return _gnf_fwd(x, gamma, beta, scale, shift, groups, eps)[0]
+
+
+def _gnf_fwd(x, gamma, beta, scale, shift, groups, eps):
+    mean, r, var_eps, _, _ = _group_stats(x, groups, eps)
+    film = 1 + scale
+    mean, a, d = _once(var_eps, mean, r * gamma * film, beta * film + shift)
+    return (x - _bc(mean, x)) * _bc(a, x) + _bc(d, x), (x, gamma, beta, scale)
+
+
+def _gnf_bwd(groups, eps, res, g):
+    x, gamma, beta, scale = res
+    mean, r, var_eps, group_mean, axes = _group_stats(x, groups, eps)
+    film = 1 + scale
+    centred = x - _bc(_once(var_eps, mean)[0], x)
+    s1, s2 = g.sum(axes), (g * centred).sum(axes)      # [B, C]: sum g, sum g (x - m)
+    gam = gamma * film                                 # the effective per-(b, c) scale
+    # d/dx of (x - m) r gam + ...: r gam g - r mean_grp(gam g) - r^2 (x - m) mean_grp(gam g r (x-m))
+    a, p, q = _once(var_eps, r * gam, -r * r * group_mean(gam * r * s2), -r * group_mean(gam * s1))
+    dx = g * _bc(a, x) + centred * _bc(p, x) + _bc(q, x)
+    xhat_g = r * s2                                    # sum over pixels of g * normalised x
+    return (dx, jnp.sum(xhat_g * film, 0), jnp.sum(s1 * film, 0),
+            xhat_g * gamma + s1 * beta, s1)
+
+
+group_norm_film.defvjp(_gnf_fwd, _gnf_bwd)
+
+
+class GroupNorm(nn.Module):
+    """GroupNorm over the last (channel) axis of ``[B, ..., C]``, eps 1e-5, statistics over every
+    axis but the batch, optionally followed by a FiLM ``* (1 + scale) + shift`` with per-(example,
+    channel) ``scale``/``shift``: ``nn.GroupNorm(use_fast_variance=False)``'s function and params
+    (``scale``, ``bias``), to float32 rounding; two-pass variance, like guided-diffusion's
+    GroupNorm32. Computed by :func:`group_norm_film`, which XLA:CPU runs markedly faster than
+    ``nn.GroupNorm``, forward and backward (bench/README.md)."""
+    groups: int = NUM_GROUPS
+    epsilon: float = GROUPNORM_EPS
+
+    @nn.compact
+    def __call__(self, x: Array, scale: Array | None = None, shift: Array | None = None
+                 ) -> Array:
+        b, c = x.shape[0], x.shape[-1]
+        if c % self.groups:
+            raise ValueError(f"GroupNorm: {c} channels are not divisible into {self.groups} "
+                             "groups")
+        gamma = self.param("scale", nn.initializers.ones_init(), (c,), jnp.float32)
+        beta = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
+        x = x.astype(jnp.float32)
+        scale = (jnp.zeros((b, c), jnp.float32) if scale is None
+                 else scale.reshape(b, c).astype(jnp.float32))
+        shift = (jnp.zeros((b, c), jnp.float32) if shift is None
+                 else shift.reshape(b, c).astype(jnp.float32))
+        return group_norm_film(x, gamma, beta, scale, shift, self.groups, float(self.epsilon))
+
+
+def _group_norm(x: Array, name: str, groups: int = NUM_GROUPS, scale: Array | None = None,
+                shift: Array | None = None) -> Array:
+    """GroupNorm (guided-diffusion: 32 groups), eps 1e-5, [then FiLM], in float32, cast back to
+    x.dtype."""
+    return GroupNorm(groups=groups, name=name)(x.astype(jnp.float32), scale, shift).astype(x.dtype)
 
 
 def _upsample_nearest(x: Array) -> Array:
@@ -181,7 +276,7 @@ class ResBlock(nn.Module):
             nn.silu(emb)).astype(h.dtype)[:, None, None, :]
         if self.use_scale_shift_norm:
             scale, shift = jnp.split(emb_out, 2, axis=-1)
-            h = _group_norm(h, "out_layers_0", self.norm_groups) * (1 + scale) + shift
+            h = _group_norm(h, "out_layers_0", self.norm_groups, scale, shift)
         else:
             h = _group_norm(h + emb_out, "out_layers_0", self.norm_groups)
         h = nn.silu(h)
