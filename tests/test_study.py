@@ -134,6 +134,9 @@ def test_bad_specs_name_the_field(mnist_data_dir, tmp_path):
     spec.wallclock.reference = "pgd_at"   # not in this arm_order
     with pytest.raises(study.StudyError, match="spec.wallclock.reference='pgd_at'"):
         study.validate_spec(spec)
+    with pytest.raises(study.StudyError, match=r"root must be a local directory \(or a mounted file system\), got 'gs://b/x'"):
+        study.run_experiment(smoke_spec(mnist_data_dir), "gs://b/x")
+    assert not (pathlib.Path.cwd() / "gs:").exists()
 
 
 def test_a_run_written_with_another_config_is_not_reused(smoke):

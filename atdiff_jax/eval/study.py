@@ -582,6 +582,9 @@ def _run(spec, root, until: str, stop: _StopFlag) -> pathlib.Path:
     validate_spec(spec)
     if until not in ("pretrain", "gate", "arms", "report"):
         raise StudyError(f"until must be pretrain|gate|arms|report, got {until!r}")
+    if "://" in os.fspath(root):
+        raise StudyError("the experiment root must be a local directory (or a mounted file "
+                         f"system), got {os.fspath(root)!r}")
     root = pathlib.Path(root).absolute()
     root.mkdir(parents=True, exist_ok=True)
     data_dir = spec.data_dir or str(root / "data")
