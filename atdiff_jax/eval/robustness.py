@@ -129,7 +129,10 @@ def pgd_attack(model_fn: ModelFn, diffusion: GaussianDiffusion, x_start: jax.Arr
         delta = project(ascent_step(delta, g, norm=norm, step_size=step_size), norm=norm, radius=r)
         return delta, None
 
-    delta, _ = jax.lax.scan(body, d0, None, length=steps)
+    # Unrolled: on XLA:CPU, convolution gradients inside a while loop run ~10x slower than
+    # unrolled (measured here: 55 s vs 6 s for one 10-step attack on 64 MNIST images; see
+    # adversarial/driver.py). The attack is the same.
+    delta, _ = jax.lax.scan(body, d0, None, length=steps, unroll=True)
     eps_clean, x0_clean = _errors(model_fn, diffusion, x_start, x_t, t, noise, jnp.zeros_like(delta))
     eps_adv, x0_adv = _errors(model_fn, diffusion, x_start, x_t, t, noise, delta)
     return {"eps_clean": eps_clean, "eps_attacked": eps_adv, "x0_clean": x0_clean,
@@ -215,5 +218,7 @@ def perturbed_ddim_sample(model_fn: ModelFn, chain: GaussianDiffusion, x_T: jax.
                                 clip_denoised=clip_denoised)
         return out["sample"], None
 
-    x, _ = jax.lax.scan(body, x_T, jnp.arange(n_steps - 1, -1, -1))
+    # Unrolled when a step takes a gradient (the adversarial direction), as in pgd_attack.
+    x, _ = jax.lax.scan(body, x_T, jnp.arange(n_steps - 1, -1, -1),
+                        unroll=kind == "adversarial")
     return x
