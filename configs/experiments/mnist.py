@@ -9,7 +9,7 @@
    time (equal wall-clock). Three training seeds.
 3. IDDPM, ES, DDIM and DPM-Solver++ at NFE 5, 8, 10, 20, 50 (MNIST feature distance and
    classifier confidence, the same x_T for every model), and the robustness evaluation.
-About 8-10 hours on 2 shared CPU cores in all (evaluation dominates); a GPU does it in minutes.
+About 7-9 hours on 2 shared CPU cores in all (evaluation dominates); a GPU does it in minutes.
 """
 import ml_collections
 
