@@ -196,12 +196,6 @@ def machine_line(info: dict) -> str:
             + (f", XLA_FLAGS={info['xla_flags']}" if info["xla_flags"] else ""))
 
 
-def random_batch(config, batch: int, seed: int = 0) -> dict:
-    """A train batch of uniform [-1, 1] images (the library's, for timing without data)."""
-    from atdiff_jax.train.step import random_train_batch
-    return random_train_batch(config, batch, seed)
-
-
 def perturb_zero_params(params, key: jax.Array, scale: float = 0.02):
     """Params with every all-zero leaf (the zero-initialised output layers of a fresh ADM)
     replaced by N(0, scale^2) noise, so a random-init network has a non-trivial output."""

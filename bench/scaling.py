@@ -74,7 +74,9 @@ def _flat(tree) -> dict[str, np.ndarray]:
 
 def worker(args) -> dict:
     import jax
-    from common import compile_timed, load_config, machine_info, random_batch, time_calls
+    from common import compile_timed, load_config, machine_info, time_calls
+
+    from atdiff_jax.train.step import random_train_batch
 
     from atdiff_jax.train import sharding
     from atdiff_jax.train.experiment import build_experiment, build_optimizer, lr_schedule
@@ -100,7 +102,7 @@ def worker(args) -> dict:
     shardings = sharding.state_shardings(jax.eval_shape(lambda: host), mesh)
     state = jax.device_put(host, shardings)
     batch = sharding.global_batch(
-        {k: np.asarray(v) for k, v in random_batch(config, b, seed=1).items()}, mesh)
+        {k: np.asarray(v) for k, v in random_train_batch(config, b, seed=1).items()}, mesh)
     step = jax.jit(make_train_step(exp, opt, seed=config.seed, lr_fn=lr_schedule(config)),
                    in_shardings=(shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)

@@ -214,8 +214,8 @@ def _diff(a, b, prefix=""):
 
 def _all_steps(workdir: pathlib.Path) -> list[int]:
     """The checkpointed steps of a run, ascending ([] when it has none yet)."""
-    from atdiff_jax.train.checkpoint import create_manager
-    if not (workdir / "checkpoints").is_dir():
+    from atdiff_jax.train.checkpoint import checkpoint_dir, create_manager
+    if not checkpoint_dir(workdir).is_dir():
         return []
     manager = create_manager(str(workdir), read_only=True)
     try:
@@ -259,10 +259,8 @@ def train(config, workdir: pathlib.Path) -> float:
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    from atdiff_jax.train.paths import write_atomic
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def gate(spec, root: pathlib.Path, data_dir: str, start_step: int) -> dict:

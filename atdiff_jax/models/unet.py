@@ -135,20 +135,27 @@ def _once(ref: Array, *xs: Array) -> tuple[Array, ...]:
     return tuple(x / one for x in xs)
 
 
-def _group_stats(x: Array, groups: int, eps: float):
-    """Per-(example, channel) group mean, 1/std and var + eps of ``x`` [B, ..., C] (two-pass),
-    from per-channel sums over the spatial axes; and the group-mean function of [B, C] sums."""
+def _group_mean_fn(x: Array, groups: int):
+    """For ``x`` [B, ..., C]: a function of per-channel sums over the spatial axes [B, C] that
+    returns each channel's group mean [B, C]; and those spatial axes."""
     b, c = x.shape[0], x.shape[-1]
     per, axes = c // groups, tuple(range(1, x.ndim - 1))
     n = per * math.prod(x.shape[1:-1])
 
-    def group_mean(per_channel_sum):    # [B, C] sums -> [B, C] mean over each channel's group
+    def group_mean(per_channel_sum):
         g = per_channel_sum.reshape(b, groups, per).sum(-1) / n
         return jnp.repeat(g, per, axis=1)
 
+    return group_mean, axes
+
+
+def _group_stats(x: Array, groups: int, eps: float):
+    """Per-(example, channel) group mean, 1/std and var + eps of ``x`` [B, ..., C] (two-pass),
+    from per-channel sums over the spatial axes."""
+    group_mean, axes = _group_mean_fn(x, groups)
     mean = group_mean(x.sum(axes))
     var_eps = group_mean(jnp.square(x - _bc(mean, x)).sum(axes)) + eps
-    return mean, jax.lax.rsqrt(var_eps), var_eps, group_mean, axes
+    return mean, jax.lax.rsqrt(var_eps), var_eps
 
 
 def _bc(v: Array, x: Array) -> Array:
@@ -167,17 +174,18 @@ def group_norm_film(x: Array, gamma: Array, beta: Array, scale: Array, shift: Ar
 
 
 def _gnf_fwd(x, gamma, beta, scale, shift, groups, eps):
-    mean, r, var_eps, _, _ = _group_stats(x, groups, eps)
+    mean, r, var_eps = _group_stats(x, groups, eps)
     film = 1 + scale
     mean, a, d = _once(var_eps, mean, r * gamma * film, beta * film + shift)
-    return (x - _bc(mean, x)) * _bc(a, x) + _bc(d, x), (x, gamma, beta, scale)
+    y = (x - _bc(mean, x)) * _bc(a, x) + _bc(d, x)
+    return y, (x, gamma, beta, scale, mean, r, var_eps)
 
 
 def _gnf_bwd(groups, eps, res, g):
-    x, gamma, beta, scale = res
-    mean, r, var_eps, group_mean, axes = _group_stats(x, groups, eps)
+    x, gamma, beta, scale, mean, r, var_eps = res     # the statistics of the forward pass
+    group_mean, axes = _group_mean_fn(x, groups)
     film = 1 + scale
-    centred = x - _bc(_once(var_eps, mean)[0], x)
+    centred = x - _bc(mean, x)
     s1, s2 = g.sum(axes), (g * centred).sum(axes)      # [B, C]: sum g, sum g (x - m)
     gam = gamma * film                                 # the effective per-(b, c) scale
     # d/dx of (x - m) r gam + ...: r gam g - r mean_grp(gam g) - r^2 (x - m) mean_grp(gam g r (x-m))
@@ -222,7 +230,7 @@ def _group_norm(x: Array, name: str, groups: int = NUM_GROUPS, scale: Array | No
                 shift: Array | None = None) -> Array:
     """GroupNorm (guided-diffusion: 32 groups), eps 1e-5, [then FiLM], in float32, cast back to
     x.dtype."""
-    return GroupNorm(groups=groups, name=name)(x.astype(jnp.float32), scale, shift).astype(x.dtype)
+    return GroupNorm(groups=groups, name=name)(x, scale, shift).astype(x.dtype)
 
 
 def _upsample_nearest(x: Array) -> Array:
