@@ -76,6 +76,19 @@ def test_smoke_experiment_writes_every_stage(smoke):
     assert len({round(v, 6) for v in fd.values()}) == len(fd), fd
     text = report.read_text()
     assert "| ddim | fast_at |" in text and "Equal wall-clock" in text
+    # the paired differences: every arm against clean, AT against equal updates / wall-clock
+    assert set(results["paired"]) == {"fast_at|clean", "clean_kx|clean",
+                                      "clean_kx@wallclock|clean", "fast_at|clean_kx",
+                                      "fast_at|clean_kx@wallclock"}
+    d = results["paired"]["fast_at|clean"]["ddim|3"]
+    assert d["mean"] == pytest.approx(100 * (fd["fast_at"] - fd["clean"]) / fd["clean"])
+    assert d["wins"] == int(fd["fast_at"] < fd["clean"]) and d["n"] == 1
+    assert "| fast_at vs clean_kx@wallclock | ddim |" in text
+    # the floor of one cell: N real training images against the same reference, 5 draws
+    floor = results["cell_floor"]
+    assert floor["num_samples"] == spec.eval.num_samples and floor["n"] == 5
+    assert min(floor["values"]) > 0 and len(set(floor["values"])) == 5
+    assert f"{floor['mean']:.3f} ± {floor['std']:.3f}" in text
     assert (root / "fd_mnist_vs_nfe.png").stat().st_size > 1000
     wall = json.loads((root / "wall_seconds.json").read_text())
     assert set(wall) == {"pretrain", "clean/seed0", "fast_at/seed0", "clean_kx/seed0"}
@@ -115,6 +128,30 @@ def test_rerun_reuses_everything_and_redoes_only_what_is_missing(smoke):
     # ends at the same step with the same params (resuming is exact).
     redone = {p for p in cells if p != lost_cell and p.stat().st_mtime_ns != mtimes[p]}
     assert redone == set(), redone
+
+
+def test_paired_differences_pair_training_seeds_and_count_wins():
+    rows = []
+    for seed, (clean, at) in enumerate([(2.0, 1.5), (4.0, 5.0), (1.0, 0.9)]):
+        for label, v in (("clean", clean), ("fast_at", at)):
+            # two evaluation seeds per run: the per-seed value is their mean
+            rows += [{"label": label, "seed": seed, "eval_seed": e, "sampler": "ddim", "nfe": 5,
+                      "fd_mnist": v + d} for e, d in ((0, -0.1), (1, 0.1))]
+    rows.append({"label": "fast_at", "seed": 3, "eval_seed": 0, "sampler": "ddim", "nfe": 5,
+                 "fd_mnist": 9.0})   # no clean run of seed 3: not paired
+    d = study.paired_differences(rows, "fd_mnist", "fast_at", "clean")
+    assert set(d) == {("ddim", 5)}
+    rel = [-25.0, 25.0, -10.0]
+    assert d["ddim", 5]["values"] == pytest.approx(rel)
+    assert d["ddim", 5]["mean"] == pytest.approx(np.mean(rel))
+    assert d["ddim", 5]["std"] == pytest.approx(np.std(rel, ddof=1))
+    assert (d["ddim", 5]["n"], d["ddim", 5]["wins"]) == (3, 2)
+    up = study.paired_differences(rows, "fd_mnist", "fast_at", "clean", lower_is_better=False)
+    assert up["ddim", 5]["wins"] == 1
+    # summarize: per-arm mean +- std over training seeds of the eval-seed means
+    s = study.summarize(rows, "fd_mnist")
+    assert s["fast_at", "ddim", 5]["values"] == pytest.approx([1.5, 5.0, 0.9, 9.0])
+    assert s["clean", "ddim", 5]["std"] == pytest.approx(np.std([2.0, 4.0, 1.0], ddof=1))
 
 
 def test_bad_specs_name_the_field(mnist_data_dir, tmp_path):
@@ -201,6 +238,13 @@ def test_full_smoke_experiment_from_the_cli(tmp_path, mnist_data_dir):
         | {("pgd_at", 0)})
     assert {r["sampler"] for r in results["rows"]} == {"ddim", "dpm_solver"}
     assert {(r["label"], r["seed"]) for r in results["robustness"]} == (
-        {("start", -1)} | {(a, 0) for a in arms})
+        {("start", -1)} | {(a, s) for a in arms for s in (0, 1) if a != "pgd_at"}
+        | {("pgd_at", 0)})
+    # robustness under sampling: mean ± std over the two training seeds of an arm
+    rob = {(r["label"], r["seed"]): r["sampling"]["rows"][-1]["fd_mnist"]
+           for r in results["robustness"]}
+    fast = [rob["fast_at", 0], rob["fast_at", 1]]
+    report = (root / "report.md").read_text()
+    assert f"{np.mean(fast):.3f} ± {np.std(fast, ddof=1):.3f} |" in report
     summ = results["summary"]["fd_mnist"]
     assert summ["fast_at|ddim|2"]["n"] == 2 and summ["pgd_at|ddim|2"]["n"] == 1

@@ -74,7 +74,8 @@ def _at_32(images: np.ndarray) -> np.ndarray:
     return np.clip(np.round(np.asarray(x)), 0, 255).astype(np.uint8)
 
 
-def _mnist_reference(data_dir: str, num: int = 10000):
+def mnist_reference(data_dir: str, num: int = 10000):
+    """The fd_mnist reference of every evaluation: ``num`` random real test images."""
     from atdiff_jax.eval.mnist_fd import reference_stats
     return reference_stats(data_dir, split="test", num=num)
 
@@ -199,7 +200,7 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
         step = create_manager(workdir, read_only=True).latest_step()
     ckpt_step = step
 
-    mnist_ref = _mnist_reference(data_dir) if is_mnist and (
+    mnist_ref = mnist_reference(data_dir) if is_mnist and (
         "fd_mnist" in metrics or "robustness" in metrics) else None
     inception_params = fid_ref = None
     if "fid" in metrics:

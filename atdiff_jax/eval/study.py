@@ -32,7 +32,10 @@ evaluation cells are reused):
 5. **eval** (after each seed's arms): every sampler of ``spec.eval.samplers`` at every NFE of
    ``spec.eval.nfes``, for every evaluation seed, plus the robustness evaluation.
 6. **report**: mean +- std over training seeds (each the mean over evaluation seeds) in the
-   paper's layout (rows sampler x arm, columns NFE), plots, wall time.
+   paper's layout (rows sampler x arm, columns NFE); the paired per-seed differences of each arm
+   against clean, and of AT against equal updates and equal wall-clock
+   (:func:`paired_differences`); the floor of one cell (:func:`cell_floor`); robustness, plots,
+   wall time.
 
 Arms are given as nested overrides of the fine-tuning config; unknown keys are errors.
 """
@@ -403,26 +406,87 @@ def _robustness_rows(root: pathlib.Path) -> list[dict]:
     return out
 
 
-def summarize(rows: list[dict], metric: str) -> dict[tuple[str, str, int], dict]:
-    """(label, sampler, nfe) -> mean/std over training seeds of the per-seed eval-seed means."""
-    per_seed: dict[tuple, list[float]] = {}
+def _per_seed(rows: list[dict], metric: str) -> dict[tuple[str, str, int, int], float]:
+    """(label, sampler, nfe, training seed) -> the mean over evaluation seeds."""
+    vals: dict[tuple, list[float]] = {}
     for r in rows:
         if metric in r:
-            per_seed.setdefault((r["label"], r["sampler"], r["nfe"], r["seed"]), []).append(
-                r[metric])
+            vals.setdefault((r["label"], r["sampler"], r["nfe"], r["seed"]), []).append(r[metric])
+    return {k: float(np.mean(v)) for k, v in vals.items()}
+
+
+def _stats(v: list[float]) -> dict:
+    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
+            "n": len(v), "values": v}
+
+
+def summarize(rows: list[dict], metric: str) -> dict[tuple[str, str, int], dict]:
+    """(label, sampler, nfe) -> mean/std over training seeds of the per-seed eval-seed means."""
     cells: dict[tuple, list[float]] = {}
-    for (label, sampler, nfe, _), vals in per_seed.items():
-        cells.setdefault((label, sampler, nfe), []).append(float(np.mean(vals)))
-    return {k: {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
-                "n": len(v), "values": v} for k, v in cells.items()}
+    for (label, sampler, nfe, _), v in sorted(_per_seed(rows, metric).items()):
+        cells.setdefault((label, sampler, nfe), []).append(v)
+    return {k: _stats(v) for k, v in cells.items()}
 
 
-def _fmt(cell: dict | None) -> str:
+def paired_differences(rows: list[dict], metric: str, arm: str, reference: str, *,
+                       lower_is_better: bool = True) -> dict[tuple[str, int], dict]:
+    """(sampler, nfe) -> ``100 * (arm - reference) / reference`` per training seed, paired.
+
+    Both runs of a training seed saw the same minibatches and noise and are sampled from the
+    same x_T, so the per-seed difference removes most of the evaluation noise that the spread of
+    either arm alone contains. Only seeds both labels have count; ``wins`` is the number of
+    seeds where ``arm`` is better.
+    """
+    per = _per_seed(rows, metric)
+    out: dict[tuple, list[tuple[float, bool]]] = {}
+    for (label, sampler, nfe, seed), a in sorted(per.items()):
+        b = per.get((reference, sampler, nfe, seed)) if label == arm else None
+        if b is not None:
+            out.setdefault((sampler, nfe), []).append(
+                (100.0 * (a - b) / b, a < b if lower_is_better else a > b))
+    return {k: {**_stats([d for d, _ in v]), "wins": sum(w for _, w in v)}
+            for k, v in out.items()}
+
+
+def comparisons(spec, labels: Sequence[str]) -> list[tuple[str, str]]:
+    """The (arm, reference) pairs the report differences: every arm against the clean baseline,
+    and the AT arm against clean with equal updates and at equal wall-clock."""
+    base, w = spec.wallclock.baseline, spec.wallclock
+    pairs = [(lb, base) for lb in labels if lb not in ("start", base)]
+    pairs += [(w.arm, w.reference), (w.arm, f"{w.reference}@wallclock")]
+    out = []
+    for a, b in pairs:
+        if a in labels and b in labels and a != b and (a, b) not in out:
+            out.append((a, b))
+    return out
+
+
+def cell_floor(data_dir: str, num: int, draws: int = 5) -> dict:
+    """fd_mnist of ``num`` real *training* images against the evaluation's reference (test
+    images), for ``draws`` random subsets: what a perfect generator scores in one evaluation cell
+    of ``num`` samples (the gate's floor is two sets of N; this one matches the cells)."""
+    from atdiff_jax.eval.fid import frechet_distance
+    from atdiff_jax.eval.mnist_fd import reference_stats
+    from atdiff_jax.eval.report import mnist_reference
+    ref = mnist_reference(data_dir)
+    vals = [float(frechet_distance(*reference_stats(data_dir, "train", num, seed=k), *ref))
+            for k in range(draws)]
+    return {"num_samples": int(num), "draws": int(draws), **_stats(vals)}
+
+
+def _fmt(cell: dict | None, spec: str = ".2f") -> str:
     if cell is None:
         return ""
     if cell["n"] > 1:
-        return f"{cell['mean']:.2f} ± {cell['std']:.2f}"
-    return f"{cell['mean']:.2f}"
+        return f"{cell['mean']:{spec}} ± {cell['std']:{spec}}"
+    return f"{cell['mean']:{spec}}"
+
+
+def _fmt_diff(cell: dict | None) -> str:
+    if cell is None:
+        return ""
+    spread = f" ± {cell['std']:.1f}" if cell["n"] > 1 else ""
+    return f"{cell['mean']:+.1f}{spread} [{cell['wins']}/{cell['n']}]"
 
 
 def write_report(spec, root: pathlib.Path, labels: Sequence[str], *, extra: dict) -> pathlib.Path:
@@ -442,6 +506,11 @@ def write_report(spec, root: pathlib.Path, labels: Sequence[str], *, extra: dict
                   f"{g['factor']:.1f} x the real-data floor {g['floor']:.3f}; confidence "
                   f"{g['confidence']:.3f} (gate: <= {g['max_factor']:g} x floor, >= "
                   f"{g['min_confidence']:g}: {'passed' if g['passed'] else 'NOT passed'}).", ""]
+    f = extra.get("cell_floor")
+    if f:
+        parts += [f"**Floor of a cell:** {f['num_samples']} real training images score fd_mnist "
+                  f"{f['mean']:.3f} ± {f['std']:.3f} against the same reference ({f['draws']} "
+                  f"random draws): what a perfect generator would score in these tables.", ""]
     summaries = {}
     for metric, title in (("fd_mnist", "MNIST feature distance (lower is better)"),
                           ("confidence", "Classifier confidence (higher is better)")):
@@ -457,6 +526,21 @@ def write_report(spec, root: pathlib.Path, labels: Sequence[str], *, extra: dict
                     lines.append(f"| {s} | {lb} | " + " | ".join(
                         _fmt(summ.get((lb, s, n))) for n in nfes) + " |")
         parts += [f"## {title}", "", *lines, ""]
+    paired, lines = {}, []
+    for a, b in comparisons(spec, present):
+        d = paired_differences(rows, "fd_mnist", a, b)
+        paired[f"{a}|{b}"] = {"|".join(map(str, k)): v for k, v in d.items()}
+        for s in samplers:
+            if any((s, n) in d for n in nfes):
+                lines.append(f"| {a} vs {b} | {s} | " + " | ".join(
+                    _fmt_diff(d.get((s, n))) for n in nfes) + " |")
+    if lines:
+        parts += ["## Paired differences in fd_mnist", "",
+                  "(arm − reference) / reference in %, per training seed (both saw the same "
+                  "minibatches and noise and start from the same x_T), mean ± std over seeds; "
+                  "[k/n]: the arm is better on k of n seeds. Negative is better.", "",
+                  "| arm vs reference | sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+                  "|---|---|" + "---|" * len(nfes), *lines, ""]
     rob = _robustness_rows(root)
     if rob:
         parts += ["## Robustness (denoiser attack: attacked eps MSE, mean over seeds)", ""]
@@ -473,16 +557,18 @@ def write_report(spec, root: pathlib.Path, labels: Sequence[str], *, extra: dict
                 parts.append(f"| {lb} | {t} | " + " | ".join(f"{v:.4f}" for v in att[i]) + " |")
         parts.append("")
         if "sampling" in rob[0]:
-            parts += ["DDIM-10 with perturbed intermediate states: fd_mnist (mean over seeds)", "",
+            parts += ["DDIM-10 with perturbed intermediate states: fd_mnist (mean ± std over "
+                      "training seeds)", "",
                       "| arm | " + " | ".join(f"{r['kind']} {r['size']:g}"
                                               for r in rob[0]["sampling"]["rows"]) + " |",
                       "|---|" + "---|" * len(rob[0]["sampling"]["rows"])]
             for lb in present:
                 mine = [r for r in rob if r["label"] == lb and "sampling" in r]
                 if mine:
-                    vals = np.mean([[x["fd_mnist"] for x in r["sampling"]["rows"]] for r in mine],
-                                   axis=0)
-                    parts.append(f"| {lb} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+                    vals = np.array([[x["fd_mnist"] for x in r["sampling"]["rows"]]
+                                     for r in mine])
+                    parts.append(f"| {lb} | " + " | ".join(
+                        _fmt(_stats(list(col)), ".3f") for col in vals.T) + " |")
             parts.append("")
     t = extra.get("timing")
     if t:
@@ -502,7 +588,8 @@ def write_report(spec, root: pathlib.Path, labels: Sequence[str], *, extra: dict
     plots = _plot(rows, present, samplers, root)
     parts += [f"![{p.stem}]({p.name})" for p in plots]
     (root / "report.md").write_text("\n".join(parts) + "\n")
-    _write_json(root / "results.json", {"summary": summaries, "rows": rows, "robustness": rob,
+    _write_json(root / "results.json", {"summary": summaries, "paired": paired, "rows": rows,
+                                        "robustness": rob,
                                         **{k: v for k, v in extra.items()}})
     return root / "report.md"
 
@@ -617,7 +704,8 @@ def _run(spec, root, until: str, stop: _StopFlag) -> pathlib.Path:
     if until == "gate":
         return root
     labels = ["start", *spec.arm_order]
-    extra: dict[str, Any] = {"gate": g, "wall": wall}
+    extra: dict[str, Any] = {"gate": g, "wall": wall,
+                             "cell_floor": cell_floor(data_dir, int(spec.eval.num_samples))}
     runs_start = Run("start", -1, str(root / "pretrain"), start)
     evaluate(spec, root, runs_start, data_dir)
     stop.check()
@@ -665,4 +753,5 @@ def load_spec(path: str) -> ml_collections.ConfigDict:
 
 
 __all__ = ["StudyError", "StudyInterrupted", "Run", "apply_overrides", "validate_spec",
-           "arm_config", "measure_step_seconds", "summarize", "run_experiment", "load_spec"]
+           "arm_config", "measure_step_seconds", "summarize", "paired_differences", "comparisons",
+           "cell_floor", "run_experiment", "load_spec"]

@@ -45,7 +45,7 @@ def get_config():
               "min_confidence": 0.9, "require": False}
     s.eval = {"samplers": ("iddpm", "es", "ddim", "dpm_solver"), "nfes": (5, 8, 10, 20, 50),
               "num_samples": 256, "seeds": (0,), "batch_size": 256,
-              "robustness": True, "robustness_seeds": (0,),
+              "robustness": True, "robustness_seeds": (0, 1, 2),
               "robustness_t": (50, 200, 500, 800), "robustness_radii": (0.0, 0.02, 0.05, 0.1),
               "robustness_images": 64, "robustness_sizes": (0.0, 0.05, 0.1),
               "robustness_samples": 256}
