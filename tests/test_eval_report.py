@@ -50,6 +50,47 @@ def test_robustness_section(results):
     assert rows[0]["fd_mnist"] == pytest.approx(rows[2]["fd_mnist"], rel=1e-6)
 
 
+def test_two_devices_split_the_batch_and_give_the_same_numbers(results, tiny_run, mnist_data_dir,
+                                                               tmp_path):
+    """The same evaluation with 2 simulated devices: samplers and the robustness attack split
+    each batch over both (samples.batch_shardings), which is per-example work, so the samples and
+    every score match the 1-device run."""
+    import os
+    import subprocess
+    import sys
+    from test_cli import ROOT
+    script = f"""
+import jax
+from atdiff_jax.eval import report, samples
+assert jax.local_device_count() == 2
+assert samples.batch_shardings(6) is not None and samples.batch_shardings(5) is None
+report.evaluate_workdir(
+    {str(tiny_run)!r}, metrics=("fd_mnist", "robustness"), samplers=("ddim", "es"), nfes=(2, 3),
+    num_samples=12, batch_size=6, data_dir={str(mnist_data_dir)!r}, robustness_t=(10, 60),
+    robustness_radii=(0.0, 0.05, 0.1), robustness_pgd_steps=3, robustness_images=4,
+    robustness_sizes=(0.0, 0.1), robustness_samples=6, label="tiny",
+    out_file={str(tmp_path / "two.json")!r})
+"""
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
+    res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600, check=False)
+    assert res.returncode == 0, res.stderr[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    one = {(r["sampler"], r["nfe"]): r for r in results["rows"]}
+    assert len(two["rows"]) == len(one) == 4
+    for r in two["rows"]:   # the same images: the same distance and confidence
+        mine = one[r["sampler"], r["nfe"]]
+        assert (r["fd_mnist"], r["confidence"]) == pytest.approx(
+            (mine["fd_mnist"], mine["confidence"]), rel=1e-6, abs=0)
+    for k in ("eps_clean", "eps_attacked", "x0_attacked"):  # batch means: summed in 2 halves
+        np.testing.assert_allclose(two["robustness"]["attack"][k],
+                                   results["robustness"]["attack"][k], rtol=1e-5)
+    for a, b in zip(two["robustness"]["sampling"]["rows"],
+                    results["robustness"]["sampling"]["rows"]):
+        assert a["fd_mnist"] == pytest.approx(b["fd_mnist"], rel=1e-5)
+
+
 def test_robustness_default_t_grid_follows_the_runs_T(tiny_run, mnist_data_dir, tmp_path):
     res = report.evaluate_workdir(
         str(tiny_run), metrics=("robustness",), samplers=("ddim",), nfes=(2,), num_samples=2,

@@ -105,7 +105,11 @@ def _robustness(model, params, experiment, config, data_dir: str, *, seed: int,
     from atdiff_jax.data.pipeline import load_examples, to_model_range
     from atdiff_jax.eval import robustness
     from atdiff_jax.eval.mnist_fd import classifier_precision, mnist_feature_distance
-    from atdiff_jax.eval.samples import to_uint8
+    from atdiff_jax.eval.samples import batch_shardings, to_uint8
+
+    def spread(x):   # over this process's devices: per-example work, the same numbers
+        sh = batch_shardings(x.shape[0])
+        return jax.device_put(x, sh[0]) if sh is not None else x
 
     x0 = to_model_range(load_examples(config.data.dataset, data_dir=data_dir, split="test",
                                       num_examples=num_images,
@@ -114,7 +118,7 @@ def _robustness(model, params, experiment, config, data_dir: str, *, seed: int,
     def model_fn(x, t):
         return model.apply({"params": params}, x, t, train=False)
 
-    attack = robustness.denoiser_attack(model_fn, experiment.diffusion, jax.numpy.asarray(x0),
+    attack = robustness.denoiser_attack(model_fn, experiment.diffusion, spread(jax.numpy.asarray(x0)),
                                         jax.random.key(seed), t_values=t_values, radii=radii,
                                         norm=norm, steps=pgd_steps)
     out = {"attack": {k: np.asarray(v).tolist() for k, v in attack.items()},
@@ -133,7 +137,7 @@ def _robustness(model, params, experiment, config, data_dir: str, *, seed: int,
                 n = min(batch_size, num_samples - start)
                 key = jax.random.fold_in(jax.random.key(seed), b)
                 x_T = jax.random.normal(jax.random.fold_in(key, 0), (batch_size,) + shape)
-                imgs.append(to_uint8(np.asarray(run(x_T, jax.random.fold_in(key, 3),
+                imgs.append(to_uint8(np.asarray(run(spread(x_T), jax.random.fold_in(key, 3),
                                                     float(size), kind)))[:n])
             imgs = np.concatenate(imgs)
             rows.append({"kind": kind, "size": float(size),

@@ -142,6 +142,9 @@ def generate(model, params: Any, diffusion: GaussianDiffusion | None, *, num: in
                            guidance_w=guidance_w)
     else:
         fn = sampler_fn(model, diffusion, sampler=sampler, steps=steps, eps_scale=eps_scale)
+    shardings = batch_shardings(batch_size)
+    if shardings is not None:
+        params = jax.device_put(params, shardings[1])
     images, labels = [], []
     for b, start in enumerate(range(0, num, batch_size)):
         n = min(batch_size, num - start)
@@ -151,9 +154,33 @@ def generate(model, params: Any, diffusion: GaussianDiffusion | None, *, num: in
         if num_classes:
             y = jax.random.randint(jax.random.fold_in(key, 1), (batch_size,), 0, num_classes)
             labels.append(np.asarray(y[:n]))
+        if shardings is not None:
+            x_T, y = jax.device_put((x_T, y), shardings[0])
         x = np.asarray(fn(params, x_T, jax.random.fold_in(key, 2), y))[:n]
         images.append(to_uint8(x))
     return np.concatenate(images), (np.concatenate(labels) if labels else None)
+
+
+def batch_shardings(batch_size: int) -> tuple[Any, Any] | None:
+    """``(batch, replicated)`` shardings that split a batch of ``batch_size`` over this process's
+    devices (the largest count that divides it), or None for one device or several processes.
+
+    Sampling is per example, so a split batch gives the same images. It is what lets several
+    accelerators share the work, and on a CPU it is worth ~1.9x on 2 cores: XLA:CPU runs one
+    program's convolutions on about one core, while the programs of several simulated devices
+    (``XLA_FLAGS=--xla_force_host_platform_device_count=N``) run in parallel.
+    """
+    if jax.process_count() > 1:
+        return None     # params may be spread over hosts: let the jitted sampler follow them
+    devices = jax.local_devices()
+    n = len(devices)
+    while n > 1 and batch_size % n:
+        n -= 1
+    if n == 1:
+        return None
+    mesh = jax.sharding.Mesh(np.asarray(devices[:n]), ("data",))
+    return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")),
+            jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
