@@ -9,7 +9,9 @@
    time (equal wall-clock). Three training seeds.
 3. IDDPM, ES, DDIM and DPM-Solver++ at NFE 5, 8, 10, 20, 50 (MNIST feature distance and
    classifier confidence, the same x_T for every model), and the robustness evaluation.
-About 7-9 hours on 2 shared CPU cores in all (evaluation dominates); a GPU does it in minutes.
+About 5-6 hours on 2 CPU cores with XLA_FLAGS=--xla_force_host_platform_device_count=2 (one
+simulated device per core; about 1.7x longer without), evaluation dominating; a GPU does it in
+minutes.
 """
 import ml_collections
 
