@@ -1,7 +1,8 @@
 """The embedded default: ADM + fast adversarial training (K=3, step 0.1, radius 0.1) on MNIST.
 
 Sized to run in about 10 minutes on 2 CPU cores: 400 minibatches = 1,200 AdamW updates at a
-measured 1.25 s per minibatch (bench/train_step.py), then 64 DDIM-50 samples:
+measured 1.25 s per minibatch on one device, 0.77 s with one simulated device per core as
+launch/local.sh sets it, then 64 DDIM-50 samples:
 `bash launch/local.sh`, or `atdiff train --config=configs/mnist_adm_at.py --workdir=runs/mnist_adm_at`.
 At that length most EMA samples are recognisable digits on black backgrounds, not yet clean ones
 (see the README for the measured MNIST feature distance); train longer with
