@@ -440,10 +440,11 @@ def paired_differences(rows: list[dict], metric: str, arm: str, reference: str, 
     per = _per_seed(rows, metric)
     out: dict[tuple, list[tuple[float, bool]]] = {}
     for (label, sampler, nfe, seed), a in sorted(per.items()):
-        b = per.get((reference, sampler, nfe, seed)) if label == arm else None
-        if b is not None:
-            out.setdefault((sampler, nfe), []).append(
-                (100.0 * (a - b) / b, a < b if lower_is_better else a > b))
+        b = per.get((reference, sampler, nfe, seed))
+        if label != arm or b is None:
+            continue
+        out.setdefault((sampler, nfe), []).append(
+            (100.0 * (a - b) / b, a < b if lower_is_better else a > b))
     return {k: {**_stats([d for d, _ in v]), "wins": sum(w for _, w in v)}
             for k, v in out.items()}
 
@@ -451,8 +452,8 @@ def paired_differences(rows: list[dict], metric: str, arm: str, reference: str, 
 def comparisons(spec, labels: Sequence[str]) -> list[tuple[str, str]]:
     """The (arm, reference) pairs the report differences: every arm against the clean baseline,
     and the AT arm against clean with equal updates and at equal wall-clock."""
-    base, w = spec.wallclock.baseline, spec.wallclock
-    pairs = [(lb, base) for lb in labels if lb not in ("start", base)]
+    w = spec.wallclock
+    pairs = [(lb, w.baseline) for lb in labels if lb not in ("start", w.baseline)]
     pairs += [(w.arm, w.reference), (w.arm, f"{w.reference}@wallclock")]
     out = []
     for a, b in pairs:
