@@ -6,7 +6,8 @@
    clean; DDPM-IP (gamma 0.1); fast AT (K=3, step 0.1, radius 0.1, delta_detach); PGD-AT (K=3, the
    ablation; one seed: it costs the most); clean with K x the minibatches (= fast AT's number of
    optimizer and EMA updates), which is also read at the minibatch where it used fast AT's wall
-   time (equal wall-clock). Three training seeds.
+   time (equal wall-clock). Three training seeds. Ablation (seed 0): fast AT with the uniform
+   timestep sampler.
 3. IDDPM, ES, DDIM and DPM-Solver++ at NFE 5, 8, 10, 20, 50 (MNIST feature distance and
    classifier confidence, the same x_T for every model), and the robustness evaluation (training
    seed 0 and the start: it costs as much as the samplers, and the sampler tables already carry
@@ -31,7 +32,7 @@ def get_config():
                   "num_minibatches": 500,  # N, per arm (x minibatch_factor)
                   "checkpoints": 10,     # checkpoints per arm (the equal wall-clock resolution)
                   "base_seed": 100}      # training seed s runs with config.seed = base_seed + s
-    s.arm_order = ("clean", "ddpm_ip", "fast_at", "clean_kx", "pgd_at")
+    s.arm_order = ("clean", "ddpm_ip", "fast_at", "clean_kx", "pgd_at", "fast_at_uniform")
     s.arms = {
         "clean": {"overrides": {"adv": _CLEAN}, "minibatch_factor": 1},
         "ddpm_ip": {"overrides": {"adv": _CLEAN, "diffusion": {"input_perturb": 0.1}},
@@ -40,6 +41,11 @@ def get_config():
         "clean_kx": {"overrides": {"adv": _CLEAN}, "minibatch_factor": 3},
         "pgd_at": {"overrides": {"adv": dict(_AT, kind="pgd")}, "minibatch_factor": 1,
                    "seeds": (0,)},
+        # Ablation (one seed): fast AT with uniform t. In N minibatches the loss-second-moment
+        # sampler leaves its uniform warm-up only in the arms that make 3 updates per minibatch
+        # (fast AT near minibatch 390, clean_kx near 700); clean and DDPM-IP stay uniform.
+        "fast_at_uniform": {"overrides": {"adv": _AT, "diffusion": {"schedule_sampler": "uniform"}},
+                            "minibatch_factor": 1, "seeds": (0,)},
     }
     s.seeds = (0, 1, 2)
     # Equal wall-clock: `reference` read at N * t(arm) / t(baseline) minibatches.
