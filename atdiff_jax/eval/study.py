@@ -440,8 +440,10 @@ def paired_differences(rows: list[dict], metric: str, arm: str, reference: str, 
     per = _per_seed(rows, metric)
     out: dict[tuple, list[tuple[float, bool]]] = {}
     for (label, sampler, nfe, seed), a in sorted(per.items()):
+        if label != arm:
+            continue
         b = per.get((reference, sampler, nfe, seed))
-        if label != arm or b is None:
+        if b is None:
             continue
         out.setdefault((sampler, nfe), []).append(
             (100.0 * (a - b) / b, a < b if lower_is_better else a > b))
