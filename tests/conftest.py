@@ -53,6 +53,37 @@ def ref_create_model_kwargs() -> dict:
     return {k: args[k] for k in keys}
 
 
+# UNet option vectors from the public guided-diffusion code (tests/testdata/unet_options/): the
+# JAX UNet reproduces their torch `out` at this atol (see tests/test_unet.py's docstring).
+UNET_OPTIONS = TESTDATA / "unet_options"
+UNET_OPTION_ATOL = 2e-5
+
+
+def load_unet_option(path: str | pathlib.Path):
+    """``(arrays, reference UNetModel kwargs, create_model kwargs or None, state dict)`` of an
+    option vector, given its path or its name (``"classcond32"``)."""
+    path = pathlib.Path(path)
+    if path.suffix != ".npz":
+        path = UNET_OPTIONS / f"{path}.npz"
+    with np.load(path) as f:
+        data = {k: f[k] for k in f.files}
+    unet_kwargs = json.loads(str(data["unet_kwargs"]))
+    for k in ("attention_resolutions", "channel_mult"):
+        unet_kwargs[k] = tuple(unet_kwargs[k])
+    cm_kwargs = json.loads(str(data["create_model_kwargs"]))
+    state_dict = {k[len("param/"):]: v for k, v in data.items() if k.startswith("param/")}
+    return data, unet_kwargs, cm_kwargs, state_dict
+
+
+def assert_matches_unet_option(module, params, data, atol: float = UNET_OPTION_ATOL) -> float:
+    """``module`` with ``params`` reproduces an option vector's torch ``out`` (from its ``x``,
+    ``t`` and, if class-conditional, ``y``) at ``atol``; returns the max abs difference."""
+    out = jax.jit(lambda x, t, y: module.apply({"params": params}, x, t, y))(
+        nchw_to_nhwc(data["x"]), data["t"], data.get("y"))
+    np.testing.assert_allclose(nhwc_to_nchw(out), data["out"], rtol=0, atol=atol)
+    return float(np.abs(nhwc_to_nchw(out) - data["out"]).max())
+
+
 @pytest.fixture(scope="session")
 def ref_unet():
     """(module, params) of the reference UNet (config A) built through the converter."""

@@ -14,7 +14,9 @@ from atdiff_jax.convert.guided_diffusion import (
     CheckpointIntegrityError, StateDictMismatchError, create_model, load_torch_state_dict,
     model_kwargs_from_args, param_shapes, params_from_state_dict, state_dict_from_params,
     unet_from_checkpoint, unet_from_state_dict)
-from conftest import ref_create_model_kwargs, ref_manifest, ref_state_dict
+from atdiff_jax.models import UNetModel
+from conftest import (assert_matches_unet_option, load_unet_option, ref_create_model_kwargs,
+                      ref_manifest, ref_state_dict)
 
 
 def _torch_shapes(module) -> dict[str, tuple[int, ...]]:
@@ -153,7 +155,7 @@ def test_create_model_options_on_param_shapes():
     assert module.attention_resolutions == (2, 4) and module.dtype == jnp.bfloat16
     shapes = _torch_shapes(module)
     assert shapes["out.2.weight"] == (6, 32, 3, 3)
-    assert shapes["label_emb.weight"] == (1000, 128)
+    assert shapes["label_emb.weight"] == (10, 128)  # the authors' rule: 10 classes at 32 px
     assert shapes["input_blocks.1.0.emb_layers.1.weight"] == (64, 128)  # scale and shift
     assert "input_blocks.2.0.in_layers.0.weight" in shapes  # resblock downsampling
     assert not any(".op." in k or ".conv." in k for k in shapes)
@@ -186,6 +188,112 @@ def test_param_shapes_match_init(ref_unet):
             for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     assert param_shapes(module) == flat
     assert sum(int(np.prod(s)) for s in flat.values()) == 828358
+
+
+# ----------------------------------------------------------------------------------------------
+# class count: the authors' size rule, and the state dict's label embedding
+
+
+def test_class_count_follows_the_authors_rule():
+    # AT_Diff's script_util.create_model: CIFAR10_NUM_CLASSES (10) if image_size == 32 else 1000
+    small = {"num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,1",
+             "attention_resolutions": "", "class_cond": True}
+    assert (gd.default_num_classes(32), gd.default_num_classes(64)) == (10, 1000)
+    assert create_model(image_size=32, **small).num_classes == 10
+    for size in (16, 28, 64, 128):
+        assert create_model(image_size=size, **small).num_classes == 1000
+    assert _torch_shapes(create_model(image_size=64, **small))["label_emb.weight"] == (1000, 128)
+    # an explicit num_classes overrides the rule; class_cond=False has no classes at any size
+    assert create_model(image_size=32, num_classes=1000, **small).num_classes == 1000
+    assert create_model(image_size=64, num_classes=10, **small).num_classes == 10
+    assert create_model(image_size=32, **dict(small, class_cond=False)).num_classes is None
+
+
+def test_consistency_models_kwargs_keep_1000_classes():
+    # openai/consistency_models' cm/script_util.py always uses NUM_CLASSES = 1000
+    from atdiff_jax.consistency import cm_create_model_kwargs
+    args = {"image_size": 32, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,1",
+            "attention_resolutions": "", "class_cond": True}
+    assert create_model(**cm_create_model_kwargs(args)).num_classes == 1000
+    assert "num_classes" not in cm_create_model_kwargs(dict(args, class_cond=False))
+
+
+@pytest.fixture(scope="module")
+def classcond32():
+    """The 32 px class-conditional (10 classes) option vector; its create_model kwargs are the
+    authors' arguments: class_cond=True, image_size=32, no num_classes."""
+    return load_unet_option("classcond32")
+
+
+def test_authors_32px_class_conditional_model_loads_and_matches_torch(classcond32):
+    data, unet_kwargs, cm_kwargs, sd = classcond32
+    assert cm_kwargs["class_cond"] and cm_kwargs["image_size"] == 32
+    assert "num_classes" not in cm_kwargs
+    assert sd["label_emb.weight"].shape == (10, 128)
+    module, params = unet_from_state_dict(sd, **cm_kwargs)
+    assert module.num_classes == 10 and module == UNetModel(**unet_kwargs)
+    assert params["label_emb"]["embedding"].shape == (10, 128)
+    assert_matches_unet_option(module, params, data)  # the public torch UNet's output, atol 2e-5
+
+
+def test_label_embedding_decides_the_class_count(classcond32):
+    _, _, cm_kwargs, sd = classcond32
+    # The same 32 px weights as a 64 px model (attention at 32 = the same downsample factor 2):
+    # the size rule would say 1000 classes, label_emb.weight says 10.
+    as64 = dict(cm_kwargs, image_size=64, attention_resolutions="32")
+    assert create_model(**as64).num_classes == 1000
+    module, params = unet_from_state_dict(sd, **as64)
+    assert (module.image_size, module.num_classes) == (64, 10)
+    assert params["label_emb"]["embedding"].shape == (10, 128)
+    # 16 px with 10 classes (classcond_updown) without num_classes: the rule says 1000
+    _, unet_kwargs, cc_kwargs, cc_sd = load_unet_option("classcond_updown")
+    cc_kwargs = {k: v for k, v in cc_kwargs.items() if k != "num_classes"}
+    assert create_model(**cc_kwargs).num_classes == 1000
+    module, _ = unet_from_state_dict(cc_sd, **cc_kwargs)
+    assert module.num_classes == 10 and module == UNetModel(**unet_kwargs)
+    # a state dict of a 64 px model with 10 classes (zeros of the right shapes) loads
+    small64 = {"image_size": 64, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,1",
+               "attention_resolutions": "", "class_cond": True}
+    sd64 = {k: np.zeros(shape, np.float32)
+            for k, shape in _torch_shapes(create_model(num_classes=10, **small64)).items()}
+    assert unet_from_state_dict(sd64, **small64)[0].num_classes == 10
+
+
+def test_class_count_conflicts_are_one_clear_error(classcond32):
+    _, _, cm_kwargs, sd = classcond32
+    # explicit num_classes that is not label_emb.weight's
+    with pytest.raises(StateDictMismatchError,
+                       match=r"label_emb\.weight \(10, 128\) has 10 classes but the model has "
+                             r"1000 \(expected \(1000, 128\)\): pass num_classes=10") as info:
+        unet_from_state_dict(sd, **cm_kwargs, num_classes=1000)
+    err = info.value
+    assert isinstance(err, ValueError)
+    assert err.mismatched == [("label_emb.weight", (10, 128), (1000, 128))]
+    assert not err.missing and not err.unknown
+    # class_cond=False, but the state dict has a class embedding
+    with pytest.raises(StateDictMismatchError,
+                       match=r"label_emb\.weight \(10, 128\) is the class embedding of a "
+                             r"class-conditional model \(10 classes\), but the model is "
+                             r"unconditional \(class_cond=False\): pass class_cond=True") as info:
+        unet_from_state_dict(sd, **dict(cm_kwargs, class_cond=False))
+    assert info.value.unknown == ["label_emb.weight"]
+    assert not info.value.missing and not info.value.mismatched
+    # class_cond=True, but the state dict (config A, 16 px) has no class embedding
+    with pytest.raises(StateDictMismatchError,
+                       match=r"label_emb\.weight is missing: the state dict is of an unconditional "
+                             r"model, but the model is class-conditional \(class_cond=True, 1000 "
+                             r"classes, expected label_emb\.weight \(1000, 128\)\): pass "
+                             r"class_cond=False") as info:
+        unet_from_state_dict(ref_state_dict(), **dict(ref_create_model_kwargs(), class_cond=True))
+    assert info.value.missing == ["label_emb.weight"]
+    assert not info.value.unknown and not info.value.mismatched
+    # params_from_state_dict (what a fine-tuning run's config.model builds) explains it too
+    with pytest.raises(StateDictMismatchError, match="pass num_classes=10"):
+        params_from_state_dict(sd, create_model(**cm_kwargs, num_classes=11))
+    # other mismatches get no class hint
+    with pytest.raises(StateDictMismatchError) as info:
+        unet_from_state_dict(sd, **dict(cm_kwargs, learn_sigma=False))
+    assert not info.value.hints and "label_emb" not in str(info.value)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,6 +379,23 @@ def test_unet_from_checkpoint(tmp_path, torch_mod, ref_unet):
     assert module == ref_module
     for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ref_params)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_unet_from_checkpoint_takes_the_class_count_from_the_file(tmp_path, torch_mod,
+                                                                  classcond32):
+    torch = torch_mod
+    _, _, cm_kwargs, sd = classcond32
+    path = tmp_path / "classcond32.pt"
+    torch.save({k: torch.from_numpy(np.array(v)) for k, v in sd.items()}, path)
+    module, params = unet_from_checkpoint(path, **cm_kwargs)  # the authors' args, weights_only
+    ref_module, ref_params = unet_from_state_dict(sd, **cm_kwargs)
+    assert module == ref_module and module.num_classes == 10
+    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(ref_params)):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(StateDictMismatchError, match="pass num_classes=10"):
+        unet_from_checkpoint(path, **cm_kwargs, num_classes=1000)
+    with pytest.raises(StateDictMismatchError, match="pass class_cond=True"):
+        unet_from_checkpoint(path, **dict(cm_kwargs, class_cond=False))
 
 
 def test_diffusion_from_args_maps_guided_diffusion_options():

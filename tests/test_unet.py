@@ -6,9 +6,6 @@ CPU threads; this port measures <= 5e-6 on outputs, 9e-6 on the middle block).
 """
 from __future__ import annotations
 
-import json
-import pathlib
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -19,11 +16,12 @@ from atdiff_jax.convert.guided_diffusion import (create_model, params_from_state
                                                  unet_from_state_dict)
 from atdiff_jax.models import UNetModel, timestep_embedding
 from atdiff_jax.models.unet import AttentionBlock, ResBlock
-from conftest import (TESTDATA, load_ref, nchw_to_nhwc, nhwc_to_nchw, ref_create_model_kwargs,
+from conftest import (UNET_OPTION_ATOL, UNET_OPTIONS, assert_matches_unet_option, load_ref,
+                      load_unet_option, nchw_to_nhwc, nhwc_to_nchw, ref_create_model_kwargs,
                       ref_state_dict)
 
-ATOL = 2e-5
-OPTIONS = sorted((TESTDATA / "unet_options").glob("*.npz"))
+ATOL = UNET_OPTION_ATOL  # 2e-5
+OPTIONS = sorted(UNET_OPTIONS.glob("*.npz"))
 
 
 def _random_params(module, *args, seed=0, scale=0.1):
@@ -88,33 +86,19 @@ def test_timestep_embedding_layout():
 # options not in config A: vectors from the public guided-diffusion code (see unet_options/)
 
 
-def _load_option(path: pathlib.Path):
-    with np.load(path) as f:
-        data = {k: f[k] for k in f.files}
-    unet_kwargs = json.loads(str(data["unet_kwargs"]))
-    for k in ("attention_resolutions", "channel_mult"):
-        unet_kwargs[k] = tuple(unet_kwargs[k])
-    cm_kwargs = json.loads(str(data["create_model_kwargs"]))
-    state_dict = {k[len("param/"):]: v for k, v in data.items() if k.startswith("param/")}
-    return data, unet_kwargs, cm_kwargs, state_dict
-
-
 @pytest.mark.parametrize("path", OPTIONS, ids=[p.stem for p in OPTIONS])
 def test_unet_options_match_public_reference(path):
-    data, unet_kwargs, cm_kwargs, state_dict = _load_option(path)
+    data, unet_kwargs, cm_kwargs, state_dict = load_unet_option(path)
     module = UNetModel(**unet_kwargs)
     if cm_kwargs is not None:  # create_model must build exactly the same architecture
         assert create_model(**cm_kwargs) == module
     params = params_from_state_dict(state_dict, module)
-    y = data.get("y")
-    out = jax.jit(lambda x, t, y: module.apply({"params": params}, x, t, y))(
-        nchw_to_nhwc(data["x"]), data["t"], y)
-    np.testing.assert_allclose(nhwc_to_nchw(out), data["out"], rtol=0, atol=ATOL)
+    assert_matches_unet_option(module, params, data, atol=ATOL)
 
 
 def test_option_vectors_present():
     assert {p.stem for p in OPTIONS} == {"legacy_numheads", "classcond_updown",
-                                        "avgpool_1ch_float_t"}
+                                        "avgpool_1ch_float_t", "classcond32"}
 
 
 def test_legacy_and_new_attention_order_agree_after_permuting_qkv():
@@ -195,8 +179,7 @@ def test_bfloat16_compute_close_to_float32():
 
 @pytest.fixture(scope="module")
 def class_cond_unet():
-    path = TESTDATA / "unet_options" / "classcond_updown.npz"
-    data, unet_kwargs, _, state_dict = _load_option(path)
+    data, unet_kwargs, _, state_dict = load_unet_option("classcond_updown")
     module = UNetModel(**unet_kwargs)
     params = params_from_state_dict(state_dict, module)
     fn = jax.jit(lambda x, t, y: module.apply({"params": params}, x, t, y))

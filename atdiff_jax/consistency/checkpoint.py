@@ -43,8 +43,12 @@ def cm_to_guided_state_dict(state_dict: Mapping[str, Any]) -> dict[str, np.ndarr
 def cm_create_model_kwargs(args: Mapping[str, Any]) -> dict[str, Any]:
     """``create_model`` keyword arguments for a consistency_models model from its script args
     (``image_size``, ``num_channels``, ...): the guided-diffusion ones, with
-    ``use_new_attention_order=True`` (see the module docstring)."""
-    from atdiff_jax.convert.guided_diffusion import model_kwargs_from_args
+    ``use_new_attention_order=True`` (see the module docstring), and for ``class_cond=True``
+    ``num_classes=1000``: consistency_models' ``cm/script_util.py`` always uses
+    ``NUM_CLASSES = 1000``, where the AT_Diff rule of ``create_model`` would give 10 at 32 px."""
+    from atdiff_jax.convert.guided_diffusion import NUM_CLASSES, model_kwargs_from_args
     kwargs = model_kwargs_from_args(dict(args))
     kwargs["use_new_attention_order"] = True
+    if kwargs.get("class_cond") and kwargs.get("num_classes") is None:
+        kwargs["num_classes"] = NUM_CLASSES
     return kwargs

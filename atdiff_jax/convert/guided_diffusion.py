@@ -44,6 +44,8 @@ from atdiff_jax.models.unet import NUM_GROUPS, UNetModel
 
 __all__ = [
     "NUM_CLASSES",
+    "CIFAR10_NUM_CLASSES",
+    "default_num_classes",
     "StateDictMismatchError",
     "CheckpointIntegrityError",
     "create_model",
@@ -58,7 +60,16 @@ __all__ = [
     "flax_path",
 ]
 
-NUM_CLASSES = 1000  # guided-diffusion's script_util.NUM_CLASSES (ImageNet)
+# Class count of a class_cond=True model when num_classes is not given. The AT_Diff fork's
+# script_util.create_model picks it by image size:
+#     num_classes = CIFAR10_NUM_CLASSES if image_size == 32 else IMAGENET_NUM_CLASSES
+# (10 and 1000), where openai/guided-diffusion always uses NUM_CLASSES = 1000. Source:
+# guided_diffusion/script_util.py of nstromberg/imbalanced-dro-diffusion, commit
+# 534df03015c3b08b6386c7f72b1bf63fcabe90fa (a public fork of the authors' AT_Diff repository, whose
+# own copy we could not read); tests/testdata/adm_reference/manifest.json
+# (derived.num_classes_rule) records the same rule from the authors' code at commit 2178b51.
+NUM_CLASSES = 1000  # guided-diffusion's NUM_CLASSES (ImageNet); AT_Diff: IMAGENET_NUM_CLASSES
+CIFAR10_NUM_CLASSES = 10  # AT_Diff's script_util.CIFAR10_NUM_CLASSES, used at image_size 32
 
 # channel_mult="" defaults by image size: guided-diffusion's create_model, plus the AT_Diff fork's
 # CIFAR-10 entry (32 -> (1, 2, 2, 2)).
@@ -81,10 +92,11 @@ _CONV1D_MODULES = ("qkv", "proj_out")
 class StateDictMismatchError(ValueError):
     """A state dict does not fit the model: lists every unknown, missing and mis-shaped key."""
 
-    def __init__(self, unknown=(), missing=(), mismatched=(), context: str = ""):
+    def __init__(self, unknown=(), missing=(), mismatched=(), context: str = "", hints=()):
         self.unknown = sorted(unknown)
         self.missing = sorted(missing)
         self.mismatched = sorted(mismatched)  # (key, given shape, expected shape)
+        self.hints = list(hints)  # what the offenders mean and what to pass, when that is known
         lines = [f"state dict does not match the model{context}:"]
         if self.missing:
             lines.append(f"  {len(self.missing)} missing key(s):")
@@ -96,6 +108,7 @@ class StateDictMismatchError(ValueError):
             lines.append(f"  {len(self.mismatched)} key(s) with the wrong shape "
                          "(given -> expected, torch layout):")
             lines += [f"    {k}: {g} -> {e}" for k, g, e in self.mismatched]
+        lines += self.hints
         lines.append("Check the create_model arguments (num_channels, channel_mult, "
                      "num_res_blocks, attention_resolutions, learn_sigma, class_cond, ...).")
         super().__init__("\n".join(lines))
@@ -103,6 +116,11 @@ class StateDictMismatchError(ValueError):
 
 # ----------------------------------------------------------------------------------------------
 # create_model
+
+
+def default_num_classes(image_size: int) -> int:
+    """The authors' class count of a class-conditional model: 10 (CIFAR-10) at 32 px, else 1000."""
+    return CIFAR10_NUM_CLASSES if image_size == 32 else NUM_CLASSES
 
 
 def _parse_channel_mult(channel_mult, image_size: int) -> tuple:
@@ -167,10 +185,13 @@ def create_model(
     otherwise "1,2,2,2" (a tuple is accepted too). ``attention_resolutions`` "16,8" are
     resolutions, turned into downsample factors ``image_size // res`` ("" means no attention
     outside the middle block). ``learn_sigma`` doubles the output channels; ``class_cond`` makes
-    the model class-conditional with ``NUM_CLASSES`` = 1000 classes.
+    the model class-conditional with, as the AT_Diff fork's ``create_model``, 10 classes
+    (``CIFAR10_NUM_CLASSES``) when ``image_size == 32`` and 1000 (``NUM_CLASSES``) otherwise
+    (``default_num_classes``; upstream guided-diffusion always uses 1000).
 
     Keyword-only extensions: ``in_channels`` (default 3; outputs have ``in_channels`` or
-    ``2 * in_channels`` channels); ``num_classes`` overrides 1000 (needs ``class_cond=True``);
+    ``2 * in_channels`` channels); ``num_classes`` overrides that class count (needs
+    ``class_cond=True``; ``unet_from_state_dict`` takes it from the state dict);
     ``dtype`` sets the compute dtype. ``use_fp16=True`` selects bfloat16 (``FP16_DTYPE``) unless
     ``dtype`` is given. ``use_checkpoint`` rematerialises blocks (memory only, same values).
     ``norm_groups`` is the GroupNorm group count (32 in every guided-diffusion checkpoint; see
@@ -191,7 +212,8 @@ def create_model(
         attention_resolutions=attention_ds,
         dropout=float(dropout),
         channel_mult=channel_mult,
-        num_classes=(num_classes or NUM_CLASSES) if class_cond else None,
+        num_classes=((default_num_classes(image_size) if num_classes is None else num_classes)
+                     if class_cond else None),
         use_checkpoint=bool(use_checkpoint),
         num_heads=num_heads,
         num_head_channels=num_head_channels,
@@ -362,6 +384,35 @@ def _to_numpy(v) -> np.ndarray:
     return np.asarray(v)
 
 
+_LABEL_EMB = "label_emb.weight"  # nn.Embedding(num_classes, time_embed_dim) of class_cond models
+
+
+def _class_embedding_hints(given: Mapping[str, np.ndarray], expected: Mapping) -> list[str]:
+    """Plain-words lines for a class-conditioning mismatch (label_emb.weight unknown, missing or
+    with another class count), naming the key, the shapes and the argument to pass."""
+    if _LABEL_EMB in given and _LABEL_EMB not in expected:
+        shape = tuple(given[_LABEL_EMB].shape)
+        n = f"{shape[0]} classes" if len(shape) == 2 else "classes"
+        hint = (f"  {_LABEL_EMB} {shape} is the class embedding of a class-conditional model "
+                f"({n}), but the model is unconditional (class_cond=False): pass "
+                "class_cond=True (unet_from_state_dict then takes num_classes from this shape).")
+        return [hint]
+    if _LABEL_EMB in expected and _LABEL_EMB not in given:
+        shape = expected[_LABEL_EMB][2]
+        hint = (f"  {_LABEL_EMB} is missing: the state dict is of an unconditional model, but "
+                f"the model is class-conditional (class_cond=True, {shape[0]} classes, expected "
+                f"{_LABEL_EMB} {shape}): pass class_cond=False.")
+        return [hint]
+    if _LABEL_EMB in given and _LABEL_EMB in expected:
+        g, e = tuple(given[_LABEL_EMB].shape), expected[_LABEL_EMB][2]
+        if len(g) == 2 and g[0] != e[0]:
+            hint = (f"  {_LABEL_EMB} {g} has {g[0]} classes but the model has {e[0]} (expected "
+                    f"{e}): pass num_classes={g[0]}, or leave num_classes out and "
+                    "unet_from_state_dict takes it from the state dict.")
+            return [hint]
+    return []
+
+
 def params_from_state_dict(state_dict: Mapping[str, Any], module: UNetModel) -> dict:
     """Flax params for ``module`` from a guided-diffusion state dict.
 
@@ -383,7 +434,8 @@ def params_from_state_dict(state_dict: Mapping[str, Any], module: UNetModel) -> 
     mismatched = [(k, tuple(given[k].shape), expected[k][2]) for k in expected
                   if k in given and tuple(given[k].shape) != expected[k][2]]
     if unknown or missing or mismatched:
-        raise StateDictMismatchError(unknown, missing, mismatched)
+        raise StateDictMismatchError(unknown, missing, mismatched,
+                                     hints=_class_embedding_hints(given, expected))
     flat = {}
     for k, (path, kind, _) in expected.items():
         flat[path] = jnp.asarray(_torch_to_flax(given[k].astype(np.float32), kind))
@@ -484,9 +536,23 @@ def load_torch_state_dict(path: str | os.PathLike, *, sha256: str | None = None
 
 def unet_from_state_dict(state_dict: Mapping[str, Any], **create_model_kwargs
                          ) -> tuple[UNetModel, dict]:
-    """``(module, params)`` from a state dict and ``create_model`` keyword arguments."""
+    """``(module, params)`` from a state dict and ``create_model`` keyword arguments.
+
+    The class count follows the checkpoint: with ``class_cond=True`` and no ``num_classes``, the
+    number of rows of the state dict's ``label_emb.weight`` is used (so a 64 px model with 10
+    classes loads as well as the authors' 32 px CIFAR-10 one, whatever ``create_model``'s size
+    rule would pick). A conflict raises one ``StateDictMismatchError`` (a ValueError) that names
+    the key, the shapes and what to pass: ``num_classes`` given but different from
+    ``label_emb.weight``'s rows; ``class_cond=False`` but the state dict has ``label_emb.weight``;
+    ``class_cond=True`` but it has none.
+    """
     _check_create_model_kwargs(create_model_kwargs)
-    module = create_model(**create_model_kwargs)
+    kwargs = dict(create_model_kwargs)
+    label_emb = state_dict.get(_LABEL_EMB)
+    if (kwargs.get("class_cond") and kwargs.get("num_classes") is None
+            and label_emb is not None and len(np.shape(label_emb)) == 2):
+        kwargs["num_classes"] = int(np.shape(label_emb)[0])
+    module = create_model(**kwargs)
     return module, params_from_state_dict(state_dict, module)
 
 

@@ -2,7 +2,8 @@
 
 Usage (outside the project; needs torch and numpy):
 
-    python tests/testdata/unet_options/generate.py --reference /path/to/checkout [--out DIR]
+    python tests/testdata/unet_options/generate.py --reference /path/to/checkout [--out DIR] \
+        [--only NAME ...]
 
 ``/path/to/checkout`` is a directory containing the ``guided_diffusion`` package of
 openai/guided-diffusion (only ``unet.py``, ``nn.py`` and ``fp16_util.py`` are imported). The
@@ -26,7 +27,7 @@ import sys
 import numpy as np
 import torch
 
-B, IMAGE = 2, 16
+B, IMAGE = 2, 16  # batch; the default image size (each config gives its image_size)
 
 # name -> (reference UNetModel kwargs, equivalent create_model kwargs or None, t, seed)
 CONFIGS = {
@@ -68,6 +69,21 @@ CONFIGS = {
              use_new_attention_order=True),
         None,
         [3.5, 990.996], 2003),
+    # The AT_Diff authors' class-conditional CIFAR-10 layout in small: 32x32 with the authors'
+    # create_model arguments (class_cond=True, image_size=32 and no class count: their
+    # script_util gives 10 classes at 32 px), new attention order with num_head_channels,
+    # residual up/downsampling, scale/shift norm, learn_sigma.
+    "classcond32": (
+        dict(image_size=32, in_channels=3, model_channels=32, out_channels=6,
+             num_res_blocks=1, attention_resolutions=(2,), dropout=0.0, channel_mult=(1, 1),
+             conv_resample=True, num_classes=10, num_heads=1, num_head_channels=16,
+             num_heads_upsample=-1, use_scale_shift_norm=True, resblock_updown=True,
+             use_new_attention_order=True),
+        dict(image_size=32, num_channels=32, num_res_blocks=1, channel_mult="1,1",
+             learn_sigma=True, class_cond=True, attention_resolutions="16",
+             num_head_channels=16, use_scale_shift_norm=True, resblock_updown=True,
+             use_new_attention_order=True),
+        [42, 999], 2004),
 }
 
 
@@ -88,6 +104,8 @@ def main() -> None:
     ap.add_argument("--reference", required=True,
                     help="directory containing the guided_diffusion package")
     ap.add_argument("--out", default=str(pathlib.Path(__file__).parent))
+    ap.add_argument("--only", nargs="+", choices=sorted(CONFIGS), metavar="NAME",
+                    help="generate only these configs (default: all)")
     args = ap.parse_args()
     sys.path.insert(0, args.reference)
     from guided_diffusion.unet import UNetModel  # the public reference implementation
@@ -100,10 +118,13 @@ def main() -> None:
     print(f"torch {torch.__version__}, numpy {np.__version__}")
 
     for name, (unet_kwargs, cm_kwargs, t, seed) in CONFIGS.items():
+        if args.only and name not in args.only:
+            continue
+        size = unet_kwargs["image_size"]
         model = UNetModel(**unet_kwargs).eval()
         set_params(model, seed)
         gen = torch.Generator().manual_seed(seed + 10000)
-        x = torch.randn(B, unet_kwargs["in_channels"], IMAGE, IMAGE, generator=gen)
+        x = torch.randn(B, unet_kwargs["in_channels"], size, size, generator=gen)
         tt = torch.tensor(t, dtype=torch.float32 if any(isinstance(v, float) for v in t)
                           else torch.int64)
         y = None
