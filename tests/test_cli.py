@@ -1,6 +1,7 @@
 """`atdiff train` / `atdiff sample` end to end on the tiny config, and bad input at the CLI."""
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ TINY = str(ROOT / "configs" / "tiny.py")
 def atdiff(*args, timeout=600):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
     return subprocess.run([sys.executable, "-m", "atdiff_jax.cli", *map(str, args)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+                          env=env, capture_output=True, text=True, timeout=timeout, check=False)
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +92,71 @@ def test_corrupt_latest_checkpoint_is_reported_and_nothing_is_lost(tiny_run, tmp
 
 
 def test_usage_errors():
-    res = atdiff("evaluate")
-    assert res.returncode != 0 and "usage: atdiff" in res.stderr
+    from atdiff_jax import cli
+    res = atdiff("trian", "--workdir=x")  # an unknown command: one line naming the commands
+    assert res.returncode == 2, res.stderr[-3000:]
+    assert res.stderr.strip().splitlines() == [(
+        "atdiff: error: unknown command 'trian' (did you mean 'train'?); the commands are "
+        f"{', '.join(cli.COMMANDS)} (atdiff --help)")]
+    assert set(cli.COMMANDS) == {"train", "sample", "eval", "experiment", "convert", "data"}
     res = atdiff("sample")
-    assert res.returncode != 0 and "--workdir" in res.stderr
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("atdiff sample: error: ")
+    assert "--workdir" in res.stderr.strip().splitlines()[-1]
+    with pytest.raises(cli.UsageError, match=r"expected atdiff data prepare, got 'prep' \(did you "
+                                             r"mean 'prepare'\?\); see atdiff data --help"):
+        cli._subcommand("data", ["prep"])
+    with pytest.raises(cli.UsageError, match="expected atdiff convert inception, got nothing"):
+        cli._subcommand("convert", [])
+
+
+def test_help_lists_the_commands_and_each_command_only_its_flags():
+    from atdiff_jax import cli
+    res = atdiff("-h")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout == cli.overview()
+    assert res.stdout.startswith("usage: atdiff {train,")
+    assert "'atdiff <command> --help'" in res.stdout
+    for command in cli.COMMANDS:  # one line each: the command and what it does
+        line = f"  {command:<12}{cli.COMMAND_HELP[command].summary}"
+        assert line in res.stdout.splitlines(), line
+    res = atdiff()  # no command: the same list on stderr, and a usage error
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.startswith(cli.overview())
+    assert res.stderr.strip().splitlines()[-1].startswith("atdiff: error: no command given")
+    res = atdiff("train", "--help")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout == cli.command_help("train")
+    text = res.stdout
+    assert text.startswith("usage: atdiff train --config=")
+    for shown in ("--config=CONFIG", "Experiment config file", "--workdir=WORKDIR",
+                  "--restore_step=", "--[no]distributed", "--config.<field>=value",
+                  "docs/configuration.md"):
+        assert shown in text, shown
+    # no flag of another command, none of absl's or JAX's
+    for hidden in ("--spec", "--metrics", "--sampler", "--root", "--dataset", "--logtostderr",
+                   "--alsologtostderr", "--verbosity", "--jax", "--only_check_args"):
+        assert hidden not in text, hidden
+    assert "(default: ddim)" in cli.command_help("sample")  # defaults are shown
+
+
+def test_every_flag_belongs_to_a_command(monkeypatch):
+    from atdiff_jax import cli
+    assert cli.command_table_problems() == []
+    assert {"config", "spec", "workdir", "metrics", "torchscript"} <= set(cli.ATDIFF_FLAGS)
+    assert not {"logtostderr", "verbosity", "help", "helpfull"} & set(cli.ATDIFF_FLAGS)
+    for command in cli.COMMANDS:  # each help shows exactly its command's flags
+        heads = re.findall(r"^  --(?:\[no\])?(\w+)", cli.command_help(command), re.MULTILINE)
+        assert heads == list(cli.COMMAND_HELP[command].flags), command
+    assert "  data prepare  " in cli.command_help("data")
+    assert "  convert inception  " in cli.command_help("convert")
+    # the check catches a flag no command lists and a command listing no such flag
+    monkeypatch.setattr(cli, "ATDIFF_FLAGS", (*cli.ATDIFF_FLAGS, "new_flag"))
+    monkeypatch.setitem(cli.COMMAND_HELP, "data", cli.COMMAND_HELP["data"]._replace(
+        flags=("dataset", "data_dir", "gone")))
+    assert cli.command_table_problems() == [
+        "atdiff data: --gone is not an atdiff flag",
+        "--new_flag belongs to no command: add it to the flags of its COMMAND_HELP entries"]
 
 
 def test_mesh_that_does_not_fit_the_devices_is_a_config_error(tmp_path, mnist_data_dir):
