@@ -14,6 +14,6 @@ WORKDIR=${2:?}
 DATA_DIR=${3:?}
 shift 3
 cd "${SLURM_SUBMIT_DIR:-.}"
-. .venv/bin/activate   # created once with: pip install -e . 'jax[cuda12]'
+. .venv/bin/activate   # created once with: pip install -c requirements-lock.txt -e . 'jax[cuda12]'
 srun atdiff train --distributed --config="$CONFIG" --workdir="$WORKDIR" \
   --config.data.data_dir="$DATA_DIR" "$@"

