@@ -9,6 +9,12 @@ Tolerances (float32; the max error measured on XLA:CPU is given in brackets):
   computes them; t/t2 from a traced N (one compile for every N): rtol 1e-6 [5.1e-7], see below.
 * unit-scale tensors (network outputs, denoised images, distiller/targets, samples): atol 1e-5
   [5.6e-6]. The reference itself moves by up to 3.6e-6 between 1 and 2 torch threads.
+* activations inside the UNet (time embedding, input block 3, middle block, |x| up to 6): atol
+  1e-5 * max|ref|, at least 1e-5 [middle block: 1.6e-6 * max|ref| = 9.7e-6 with AVX-512, also with
+  XLA's ISA capped at AVX2; 1.7e-6 * max|ref| = 1.0e-5 on an AMD EPYC without AVX-512, which
+  failed the flat atol 1e-5 used before].
+  1e-5 relative is ~80 float32 ulps of the largest activation after a dozen convolutions of
+  576-term sums: 6x the worst error seen, far below what a wrong weight or layout gives (> 1e-2).
 * large tensors (x_t up to 317, x_t2, the Euler predictor, sampler states): atol
   1e-6 * max|ref| per array or sampler step, at least 1e-5 [1.1e-7 * max|ref|]. XLA:CPU
   contracts ``x_start + noise * t`` into a fused multiply-add (one rounding instead of torch's
@@ -73,6 +79,10 @@ from atdiff_jax.diffusion.gaussian import create_gaussian_diffusion
 CM_REF = pathlib.Path(__file__).parent / "testdata" / "cm_reference"
 
 UNIT_ATOL = 1e-5
+# Activations inside the network grow to |x| ~ 6 (middle block): float32 rounding grows with them,
+# and XLA's convolution kernels sum in another order on each CPU (AVX-512 vs AVX2 code paths), so
+# they are compared relative to their magnitude (see internal_atol and the module docstring).
+INTERNAL_REL_ATOL = 1e-5
 LOSS_RTOL, LOSS_ATOL = 1e-5, 1e-6
 GRAD_REL_ATOL = 2e-5
 ZERO_GRAD_PARAMS = {
@@ -109,6 +119,11 @@ def assert_close(actual, expected, atol: float, what: str) -> float:
 
 def large_atol(ref: np.ndarray) -> float:
     return max(UNIT_ATOL, 1e-6 * float(np.max(np.abs(ref))))
+
+
+def internal_atol(ref: np.ndarray) -> float:
+    """Activations inside the network: INTERNAL_REL_ATOL * max|ref|, at least UNIT_ATOL."""
+    return max(UNIT_ATOL, INTERNAL_REL_ATOL * float(np.max(np.abs(ref))))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -225,14 +240,15 @@ def test_unet_internals_match_reference(cm_unet):
             m.name == "input_blocks_3_1"), mutable=["intermediates"])[1]["intermediates"]
 
     inter = run(x * c_in[:, None, None, None], rescale_sigma(jnp.asarray(s)))
-    assert_close(inter["timestep_embedding"][0], ref["online_internals/time_embed_in"], UNIT_ATOL,
-                 "time_embed_in")
-    assert_close(inter["time_embed"][0], ref["online_internals/time_embed_out"], UNIT_ATOL,
-                 "time_embed_out")
-    assert_close(inter["input_blocks_3_1"]["__call__"][0],
-                 _nhwc(ref["online_internals/input_blocks.3"]), UNIT_ATOL, "input_blocks.3")
-    assert_close(inter["middle_block"][0], _nhwc(ref["online_internals/middle_block"]), UNIT_ATOL,
-                 "middle_block")
+    got = {"time_embed_in": inter["timestep_embedding"][0],
+           "time_embed_out": inter["time_embed"][0],
+           "input_blocks.3": inter["input_blocks_3_1"]["__call__"][0],
+           "middle_block": inter["middle_block"][0]}
+    for name, value in got.items():
+        expected = ref[f"online_internals/{name}"]
+        expected = _nhwc(expected) if expected.ndim == 4 else expected
+        err = assert_close(value, expected, internal_atol(expected), name)
+        print(f"{name}: max|diff| {err:.3g} = {err / np.max(np.abs(expected)):.3g} max|ref|")
 
 
 def test_boundary_condition_is_exact(cm_unet, denoise_jit):

@@ -1,7 +1,14 @@
 """Gaussian diffusion: schedules, respacing, losses and p_mean_variance against the reference.
 
-Tolerances: the schedule tables are computed exactly as the reference (float64 NumPy), so they
-match bit for bit. Loss terms are float32 arithmetic on the stored network outputs; the reference
+Tolerances: the betas (Python's scalar ``math.cos``, the same glibc code path as the reference)
+and the products/quotients/square roots built from them (correctly rounded IEEE operations) match
+bit for bit on every CPU. The tables that apply ``np.log`` do not: NumPy dispatches its float64
+log/exp at run time (AVX-512 kernels on CPUs that have them, glibc's scalar code elsewhere), and the
+two paths differ by up to 1 ulp of the argument (measured over 3e6 values: |diff| <=
+1.0 eps * max(1, |y|) for log, 1.1 for exp). Those tables are compared with ``F64_TABLE_TOL`` =
+4 eps relative and absolute (absolute for logs near 0): the measured worst case, doubled for the
+reference's own path, doubled again for a margin. Their float32 copies may then round the other way
+at a tie: 1 ulp of float32 (``assert_array_max_ulp``). Loss terms are float32 arithmetic on the stored network outputs; the reference
 itself moves by up to 9e-8 relative under a different thread count, so rtol 1e-5 leaves room for
 XLA's different summation order but catches any wrong coefficient.
 """
@@ -14,6 +21,23 @@ from conftest import load_ref, nchw_to_nhwc
 from atdiff_jax.diffusion import likelihood, schedules
 from atdiff_jax.diffusion.gaussian import (GaussianDiffusion, create_gaussian_diffusion,
                                            diffusion_tables)
+
+
+F64_TABLE_TOL = 4 * np.finfo(np.float64).eps  # see the module docstring
+# Tables computed without a transcendental function: bit for bit on every CPU.
+EXACT_TABLES = {"betas", "alphas_cumprod", "alphas_cumprod_prev", "alphas_cumprod_next",
+                "sqrt_alphas_cumprod", "one_minus_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
+                "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod", "posterior_variance",
+                "posterior_mean_coef1", "posterior_mean_coef2", "fixed_large_variance",
+                "recip_posterior_mean_coef1", "posterior_coef2_over_coef1"}
+
+
+def assert_table_matches(got, want, name):
+    """float64 table vs the reference: exact unless it applies np.log (see the docstring)."""
+    if name in EXACT_TABLES:
+        np.testing.assert_array_equal(got, want, err_msg=name)
+    else:
+        np.testing.assert_allclose(got, want, rtol=F64_TABLE_TOL, atol=F64_TABLE_TOL, err_msg=name)
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +58,7 @@ def test_named_schedules_match_reference():
     assert cos.max() == pytest.approx(0.999)  # max_beta clip at the end of the cosine schedule
 
 
-def test_training_tables_match_reference_bit_for_bit():
+def test_training_tables_match_reference():
     ref = load_ref("schedule")
     betas, tmap = schedules.respace_betas(schedules.get_named_beta_schedule("cosine", 1000),
                                           schedules.space_timesteps(1000, [1000]))
@@ -42,8 +66,10 @@ def test_training_tables_match_reference_bit_for_bit():
     tables = diffusion_tables(betas)
     names = [k[len("train/"):] for k in ref if k.startswith("train/")]
     assert len(names) == 13
+    assert {n for n in names if n not in EXACT_TABLES} == {"log_one_minus_alphas_cumprod",
+                                                         "posterior_log_variance_clipped"}
     for name in names:
-        np.testing.assert_array_equal(tables[name], ref[f"train/{name}"], err_msg=name)
+        assert_table_matches(tables[name], ref[f"train/{name}"], name)
 
 
 @pytest.mark.parametrize("spec", ["ddim50", "ddim20", "ddim10", "ddim8", "ddim5",
@@ -58,9 +84,13 @@ def test_respacing_matches_reference(spec):
         schedules.space_timesteps(1000, spec))[0])
     for name in ("betas", "alphas_cumprod", "alphas_cumprod_prev", "posterior_variance",
                  "posterior_log_variance_clipped"):
-        np.testing.assert_array_equal(full[name], ref[f"respaced/{spec}/{name}"], err_msg=name)
+        assert_table_matches(full[name], ref[f"respaced/{spec}/{name}"], name)
         # The pytree stores the same tables rounded once to float32.
-        np.testing.assert_array_equal(d.tables[name], ref[f"respaced/{spec}/{name}"].astype(np.float32))
+        want32 = ref[f"respaced/{spec}/{name}"].astype(np.float32)
+        if name in EXACT_TABLES:
+            np.testing.assert_array_equal(d.tables[name], want32, err_msg=name)
+        else:
+            np.testing.assert_array_max_ulp(d.tables[name], want32, maxulp=1)
 
 
 def test_section_respacing_and_errors():
