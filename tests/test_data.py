@@ -466,3 +466,64 @@ def test_class_cond_requires_labels(tmp_path):
     # Also readable by its version directory alone (no name registry involved).
     meta = get_dataset_meta(os.fspath(tmp_path / "atdiff_test_no_labels" / "1.0.0"))
     assert meta.num_examples == {"train": 8} and meta.num_classes is None
+
+
+class AtdiffTestUint16Images(tfds.core.GeneratorBasedBuilder):
+    """8 images of 4x4x1 uint16 (16-bit PNG): data the pipeline does not support."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "image": tfds.features.Image(shape=(4, 4, 1), dtype=np.uint16,
+                                         encoding_format="png")}))
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i in range(8):
+            yield i, {"image": np.full((4, 4, 1), 1000 * i, np.uint16)}
+
+
+def make_uint16_dataset(data_dir) -> str:
+    """Builds ``atdiff_test_uint16_images`` under ``data_dir``; returns its name."""
+    AtdiffTestUint16Images(data_dir=os.fspath(data_dir), file_format="array_record"
+                           ).download_and_prepare(download_dir=os.fspath(data_dir / "dl"))
+    return "atdiff_test_uint16_images"
+
+
+def test_images_of_another_dtype_are_one_data_error(tmp_path):
+    """16-bit images are refused when the data are opened (from the dataset's features; reading
+    one would fail inside TFDS) and when an example is read; the trainer names config.data."""
+    from atdiff_jax.data.pipeline import DataError, _SourceSpec, _SplitReader
+    from atdiff_jax.train.experiment import ConfigError
+    from atdiff_jax.train.loop import train_and_evaluate
+    name = make_uint16_dataset(tmp_path)
+    message = f"images of {name!r} are uint16; only uint8 images in [0, 255] are supported"
+    assert get_dataset_meta(name, data_dir=tmp_path).image_dtype == "uint16"
+    with pytest.raises(DataError) as e:
+        create_train_iterator(dataset=name, data_dir=tmp_path, global_batch_size=4, seed=0,
+                              process_index=0, process_count=1)
+    assert str(e.value) == message
+    # (TFDS cannot even decode these without OpenCV.) A source that yields such arrays:
+
+    class Source:
+        def __getitems__(self, indices):
+            return [{"image": np.full((4, 4, 1), i, np.uint16)} for i in indices]
+
+    reader = _SplitReader(_SourceSpec(dataset=name, data_dir=os.fspath(tmp_path), split="train",
+                                      image_key="image", label_key="label", image_size=8))
+    reader._source = Source()
+    with pytest.raises(DataError) as e:   # before resizing (which assumes uint8)
+        reader.read([0, 1], with_labels=False)
+    assert str(e.value) == message
+    import runpy
+    config = runpy.run_path(str(pathlib.Path(__file__).parent.parent / "configs" / "tiny.py")
+                            )["get_config"]()
+    config.data.dataset, config.data.data_dir = name, str(tmp_path)
+    config.train.global_batch_size = 4
+    with pytest.raises(ConfigError) as e:
+        train_and_evaluate(config, tmp_path / "run")
+    assert str(e.value) == f"config.data: {message}"
+    assert not (tmp_path / "run").exists()

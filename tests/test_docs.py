@@ -586,6 +586,319 @@ def test_quoted_error_messages(tmp_path, prepared):
 
 
 # --------------------------------------------------------------------------------------------
+# 4b. the bad-input table of docs/troubleshooting.md
+
+TABLE_MARK = "<!-- bad-input-table -->"
+TROUBLESHOOTING = DOCS / "troubleshooting.md"
+
+
+@dataclasses.dataclass
+class BadInput:
+    line: int                       # 1-based line in docs/troubleshooting.md
+    bad_input: str                  # the first cell, as written
+    message: str                    # the first code span of the second cell (or the cell)
+    quoted: bool                    # the second cell starts with a code span
+    spans: list[str]                # every code span of the second cell
+    tests: list[tuple[str, str]]    # (file, test name) of the third cell
+
+    @property
+    def id(self) -> str:
+        return re.sub(r"\W+", "_", self.bad_input.replace("`", ""))[:60].strip("_")
+
+
+def _table_cells(line: str) -> list[str]:
+    cells, cur, i = [], "", 0
+    body = line.strip()[1:-1]
+    while i < len(body):   # split at | outside code spans (messages hold none, but be safe)
+        if body[i] == "`":
+            n = len(body[i:]) - len(body[i:].lstrip("`"))
+            end = body.find("`" * n, i + n)
+            end = len(body) if end < 0 else end + n
+            cur += body[i:end]
+            i = end
+        elif body[i] == "|" and (i == 0 or body[i - 1] != "\\"):
+            cells.append(cur.strip())
+            cur, i = "", i + 1
+        else:
+            cur += body[i]
+            i += 1
+    return cells + [cur.strip()]
+
+
+def _code_spans(cell: str) -> list[str]:
+    """The contents of the code spans of a cell (``x`` and ````x````), in order."""
+    return [m.group(2).strip() for m in re.finditer(r"(`+)(.+?)(?<!`)\1(?!`)", cell)]
+
+
+def bad_input_rows() -> list[BadInput]:
+    lines = TROUBLESHOOTING.read_text(encoding="utf-8").splitlines()
+    start = lines.index(TABLE_MARK)
+    rows = []
+    for k in range(start + 3, len(lines)):   # the marker, the header, the |---| line
+        if not lines[k].startswith("|"):
+            break
+        bad, got, tests = _table_cells(lines[k])
+        spans = _code_spans(got)
+        quoted = got.startswith("`")
+        rows.append(BadInput(k + 1, bad, spans[0] if quoted else got, quoted, spans,
+                             [(f, n) for _, f, n in _TEST_ID.findall(tests)]))
+    return rows
+
+
+def _matches(documented: str, actual: str) -> bool:
+    """``documented`` with ``...`` standing for any text equals ``actual``."""
+    pattern = ".*".join(re.escape(part) for part in documented.split("..."))
+    return re.fullmatch(pattern, actual, flags=re.DOTALL) is not None
+
+
+def test_bad_input_table_is_complete_and_names_existing_tests():
+    """At least 15 rows; every row names tests that exist (read from the files, not run); a row
+    the table test cannot reproduce quotes only text found in its tests or in the code."""
+    rows = bad_input_rows()
+    assert len(rows) >= 15, f"{len(rows)} rows"
+    producers = _bad_input_producers(None, None)
+    problems = []
+    for r in rows:
+        where = f"docs/troubleshooting.md:{r.line}"
+        if not r.tests:
+            problems.append(f"{where}: no tests/...py::test_name in the last column")
+        for file, name in r.tests:
+            if not (ROOT / file).is_file() or name not in _defined_tests(file):
+                problems.append(f"{where}: {file}::{name} does not exist")
+        if r.id not in producers:
+            sources = "".join((ROOT / f).read_text(encoding="utf-8") for f, _ in r.tests
+                              if (ROOT / f).is_file())
+            sources += "".join(p.read_text(encoding="utf-8")
+                               for p in (ROOT / "atdiff_jax").rglob("*.py"))
+            problems += [f"{where}: {span!r} is in neither its tests nor the code"
+                         for span in r.spans if span not in sources]
+    assert not problems, "\n".join(problems)
+    unknown = set(producers) - {r.id for r in rows}
+    assert not unknown, f"producers for rows that are not in the table: {sorted(unknown)}"
+    assert sum(r.id in producers for r in rows) >= len(rows) - 2, "rows not reproduced"
+
+
+def test_bad_input_table_parser():
+    cells = _table_cells("| `a` (b) | ``x `y` z``, then `w` | `tests/test_x.py::test_y` |")
+    assert cells == ["`a` (b)", "``x `y` z``, then `w`", "`tests/test_x.py::test_y`"]
+    assert _code_spans(cells[1]) == ["x `y` z", "w"]
+    assert _matches("no checkpoint step 7 in ...; available: [2, 4]",
+                    "no checkpoint step 7 in /a/b; available: [2, 4]")
+    assert not _matches("no checkpoint step 7", "no checkpoint step 7 in /a/b")
+
+
+def _bad_input_producers(root: pathlib.Path | None, data_dir: pathlib.Path | None,
+                         shared: dict | None = None) -> dict:
+    """row id -> a function returning ``(message the user gets, {actual text: as documented})``.
+
+    A row whose bad input is ``--config.x=v ...`` (no producer of its own) is produced like the
+    CLI does: ml_collections parses the overrides on configs/tiny.py (an unknown field and a wrong
+    type end there), then ``train_and_evaluate`` (which checks before compiling or writing).
+    ``shared``: ``{"root": a directory kept for the module}``, where a checkpoint of a real train
+    state is written once.
+    """
+    import errno
+
+    def error_of(fn, *args, **kw) -> str:
+        try:
+            fn(*args, **kw)
+        except Exception as e:  # noqa: BLE001
+            return str(e)
+        raise AssertionError(f"{getattr(fn, '__name__', fn)} did not raise")
+
+    home = {str(root): "/home/me"} if root is not None else {}
+    tiny = ROOT / "configs" / "tiny.py"
+
+    def train(*overrides: str, config: pathlib.Path = tiny, workdir: str = "runs/x"):
+        from absl import flags
+        from ml_collections import config_flags
+
+        from atdiff_jax.cli import unknown_override
+        from atdiff_jax.train.loop import train_and_evaluate
+        argv = ["atdiff", "train", f"--config={config}", f"--config.data.data_dir={data_dir}",
+                *overrides]   # (--workdir is passed to train_and_evaluate below)
+        message = unknown_override(argv)
+        if message:
+            return message, {f"{ROOT}{os.sep}": ""}
+        fv = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                        sys_argv=argv)
+        try:
+            fv(argv)
+        except flags.Error as e:
+            return f"FATAL Flags parsing error: {e}", {}
+        cwd = os.getcwd()
+        os.chdir(root)
+        try:
+            return error_of(train_and_evaluate, fv.config, workdir), home
+        finally:
+            os.chdir(cwd)
+
+    def stand_in_run(steps=(2, 4)):
+        from test_checkpoint import make_run
+        return make_run(root / "runs" / "x", steps=steps)
+
+    def micro_run():   # a real train state's checkpoint (compiles the init once per module)
+        from test_checkpoint import micro_run as build
+        if "micro_run" not in shared:
+            shared["micro_run"] = build(shared["root"] / "micro")
+        return shared["micro_run"]
+
+    def uint16_images():
+        from test_data import make_uint16_dataset
+        name = make_uint16_dataset(root / "u16")
+        message, _ = train(f"--config.data.dataset={name}",
+                           f"--config.data.data_dir={root / 'u16'}",
+                           "--config.train.global_batch_size=4")
+        return message, {name: "my_dataset"}
+
+    def not_prepared():
+        message, _ = train(f"--config.data.data_dir={root / 'data'}")
+        return message.splitlines()[0], home
+
+    def no_checkpoint():
+        from atdiff_jax.train.loop import restore_state
+        return error_of(restore_state, str(root / "runs" / "x")), home
+
+    def restore_step():
+        from atdiff_jax.train.loop import restore_state
+        return error_of(restore_state, str(stand_in_run()), 7), home
+
+    def damaged(how):
+        def produce():
+            from test_checkpoint import damage, restore
+            run = stand_in_run()
+            damage(run / "checkpoints" / "4", how)
+            return error_of(restore, run, 4), home
+        return produce
+
+    def disk_full():
+        from etils import epath
+        from test_checkpoint import CONFIG, stand_in_state
+
+        from atdiff_jax.train import checkpoint as ckpt
+
+        def full(self, *args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(self))
+        manager = ckpt.create_manager(stand_in_run(), max_to_keep=2)
+        try:
+            with pytest.MonkeyPatch.context() as m:
+                m.setattr(epath.Path, "write_text", full)
+                return error_of(ckpt.save, manager, 6, stand_in_state(6), {"step": 6},
+                                CONFIG), home
+        finally:
+            manager.close()
+
+    def gs_without_credentials():
+        from etils import epath
+        from etils.epath import gpath
+        from test_checkpoint import PermissionDeniedError
+
+        from atdiff_jax.train import checkpoint as ckpt
+
+        def no_credentials(original, path, *args, **kwargs):
+            if os.fspath(path).startswith("gs://"):
+                raise PermissionDeniedError("HTTP response code 401 (anonymous caller)")
+            return original(path, *args, **kwargs)
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(gpath, "_is_tf_installed", lambda: False)
+            with epath.testing.mock_epath(exists=no_credentials):
+                return error_of(ckpt.check_access, "gs://my-bucket/runs/x"), {}
+
+    def wrong_pt_sha256():
+        from atdiff_jax.convert import load_torch_state_dict
+        pt = root / "model.pt"
+        pt.write_bytes(b"not a checkpoint\n")
+        return error_of(load_torch_state_dict, pt, sha256="0" * 64), home
+
+    def wrong_inception_sha256():
+        from atdiff_jax.convert.inception import load_inception_params
+        path = root / "inception.msgpack"
+        path.write_bytes(b"not the weights")
+        return error_of(load_inception_params, path, sha256="0" * 64), home
+
+    def no_teacher():
+        c = ROOT / "configs" / "mnist_cd_at.py"
+        return train("--config.teacher.workdir=runs/mnist_adm", config=c)
+
+    def ema_rate():
+        from atdiff_jax.train.loop import restore_for_sampling
+        return error_of(restore_for_sampling, str(micro_run()), ema_rate=0.5), {}
+
+    def evaluate(**kw):
+        def produce():
+            from atdiff_jax.eval import report
+            workdir = str(micro_run()) if kw.get("metrics") else str(root / "runs" / "x")
+            return error_of(report.evaluate_workdir, workdir, **kw), {}
+        return produce
+
+    def classifier(images):
+        def produce():
+            from atdiff_jax.eval.mnist_fd import classifier_features
+            return error_of(classifier_features, images), {}
+        return produce
+
+    special = {
+        "a dataset of 16-bit images": uint16_images,
+        "the dataset is not prepared in `--config.data.data_dir`": not_prepared,
+        "a workdir without checkpoints (`atdiff sample`, `atdiff eval`)": no_checkpoint,
+        "`--restore_step=7`, not a checkpoint of the run": restore_step,
+        "a corrupt checkpoint (its array files overwritten)": damaged("corrupt"),
+        "a truncated checkpoint (its array files cut short)": damaged("truncate"),
+        "the disk fills up during a checkpoint write": disk_full,
+        "a `gs://` workdir without Google Cloud credentials": gs_without_credentials,
+        "a wrong `--config.init.checkpoint_sha256` (or `unet_from_checkpoint(..., sha256=...)`)":
+            wrong_pt_sha256,
+        "Inception weights that do not match their sha256 (`atdiff eval --metrics=fid`)":
+            wrong_inception_sha256,
+        "`--config.teacher.workdir=runs/mnist_adm` without checkpoints (distillation)": no_teacher,
+        "`atdiff sample --ema_rate=0.5`, a rate the run does not keep": ema_rate,
+        "`--samplers=heun` for `atdiff eval`": evaluate(samplers=("heun",)),
+        "`--nfe=0` for `atdiff eval`": evaluate(nfes=(0,)),
+        "`atdiff eval --metrics=fid` without converted Inception weights":
+            evaluate(metrics=("fid",), inception="weights/inception.msgpack"),
+        "NaN images given to `mnist_feature_distance` / `classifier_features`":
+            classifier(np.full((2, 32, 32, 1), np.nan, np.float32)),
+        "int32 images given to `classifier_features` (wrong dtype)":
+            classifier(np.zeros((2, 32, 32, 1), np.int32)),
+    }
+    out = {}
+    for r in bad_input_rows():
+        if r.bad_input in special:
+            out[r.id] = special.pop(r.bad_input)
+        elif r.bad_input.startswith("`--config."):
+            row_overrides = tuple(_code_spans(r.bad_input)[0].split())
+
+            def produce(overrides=row_overrides):
+                import jax
+                message, placeholders = train(*overrides)
+                if any(o.startswith("--config.mesh.") for o in overrides):
+                    placeholders = {**placeholders, f"({jax.device_count()})": "(1)"}
+                return message, placeholders
+            out[r.id] = produce
+    assert not special, f"producers for rows not in the table: {sorted(special)}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def bad_input_shared(tmp_path_factory, prepared):
+    return {"root": tmp_path_factory.mktemp("bad_input"), "data_dir": prepared / "data"}
+
+
+@pytest.mark.parametrize("row", bad_input_rows(), ids=lambda r: r.id)
+def test_bad_input_table(row, bad_input_shared, tmp_path):
+    """Each row of the table: the bad input, given as the table says, gives the quoted message."""
+    producers = _bad_input_producers(tmp_path, bad_input_shared["data_dir"], bad_input_shared)
+    if row.id not in producers:
+        pytest.skip("checked as text by test_bad_input_table_is_complete_and_names_existing_tests")
+    message, placeholders = producers[row.id]()
+    for actual, shown in placeholders.items():
+        message = message.replace(actual, shown)
+    assert row.quoted and _matches(row.message, message), (
+        f"docs/troubleshooting.md:{row.line}: the code says\n{message}")
+
+
+# --------------------------------------------------------------------------------------------
 # 5. running the user guide's commands in a temporary project
 
 # configs/tiny.py's sizes, applied on top of every repository config in the temporary project

@@ -130,6 +130,8 @@ def test_start_from_a_converted_pytorch_checkpoint(tmp_path):
     ("model.dtype", "float16", "config.model.dtype must be one of"),
     ("optim.b1", 1.5, "config.optim.b1 must be in [0, 1)"),
     ("train.ema_rates", (1.5,), "config.train.ema_rates"),
+    ("train.ema_rates", (0.999, "abc"), ("config.train.ema_rates must be a non-empty list of "
+                                         "rates in [0, 1), got (0.999, 'abc')")),
 ])
 def test_invalid_config_values_name_the_option(path, value, message):
     config = tiny_config()
@@ -156,3 +158,54 @@ def test_a_run_starts_from_the_pytorch_weights_placed_on_the_mesh(tmp_path):
     jax.tree.map(np.testing.assert_array_equal, state.params, src)
     jax.tree.map(np.testing.assert_array_equal, state.ema[ema_key(0.9999)], src)
     assert all(isinstance(x.sharding, jax.sharding.NamedSharding) for x in jax.tree.leaves(state.params))
+
+
+def test_an_override_of_the_wrong_type_is_a_flag_error():
+    """``--config.x=v`` is parsed by ml_collections with the field's type, as the CLI does; a
+    wrong type stops the flag parser (``FATAL Flags parsing error: ...``, exit status 1)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    def parse(*overrides):
+        argv = ["atdiff", f"--config={TINY}", *overrides]
+        fv = flags.FlagValues()
+        config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True,
+                                        sys_argv=argv)
+        fv(argv)
+        return fv.config
+
+    with pytest.raises(flags.IllegalFlagValueError) as e:
+        parse("--config.adv.steps=1.5")
+    assert str(e.value) == ("flag --config.adv.steps=1.5: invalid literal for int() with base 10: "
+                            "'1.5'")
+    with pytest.raises(flags.IllegalFlagValueError, match="Non-boolean argument to boolean flag"):
+        parse("--config.data.random_flip=maybe")
+    # a tuple field takes any text (here one string): validate_config names it
+    with pytest.raises(ConfigError) as e:
+        validate_config(parse("--config.train.ema_rates=0.999,abc"))
+    assert str(e.value) == ("config.train.ema_rates must be a non-empty list of rates in [0, 1), "
+                            "got ('0.999,abc',)")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"model.in_channels": 3}, ("config.model.in_channels is 3, but the images of 'mnist32' "
+                                "have 1 channel(s): set --config.model.in_channels=1")),
+    ({"model.class_cond": True, "model.num_classes": 5},
+     ("config.model.num_classes is 5, but 'mnist32' has 10 classes: set "
+      "--config.model.num_classes=10")),
+    ({"model.class_cond": True, "model.num_classes": 10, "train.label_dropout": 0.1},
+     ("config.model.num_classes is 10, but 'mnist32' has 10 classes plus the null class "
+      "num_classes - 1: set --config.model.num_classes=11")),
+    ({"data.split": "train[:4]"},
+     "config.data: split 'train[:4]' of 'mnist32' has 4 examples, fewer than global_batch_size=8"),
+], ids=["in_channels", "num_classes", "null_class", "too_few_examples"])
+def test_data_that_does_not_fit_the_model_is_one_config_error(tmp_path, mnist_data_dir,
+                                                              overrides, message):
+    """Checked when the data are opened, before anything is compiled or written (a wrong channel
+    count would fail inside the jitted step, labels >= num_classes would be clamped silently)."""
+    from atdiff_jax.train.loop import train_and_evaluate
+    config = tiny_config(**{"data.data_dir": str(mnist_data_dir), **overrides})
+    with pytest.raises(ConfigError) as e:
+        train_and_evaluate(config, tmp_path / "run")
+    assert str(e.value) == message
+    assert not (tmp_path / "run").exists()

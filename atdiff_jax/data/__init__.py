@@ -9,11 +9,11 @@
 """
 from atdiff_jax.data.mnist import (MnistSourceError, find_mnist_source_dir, load_mnist_arrays,
                                    prepare_mnist, read_idx, verify_mnist_source)
-from atdiff_jax.data.pipeline import (DatasetMeta, DatasetNotFoundError, TrainIterator,
+from atdiff_jax.data.pipeline import (DataError, DatasetMeta, DatasetNotFoundError, TrainIterator,
                                       create_train_iterator, get_dataset_meta, load_examples,
                                       open_builder, to_model_range)
 
 __all__ = ["MnistSourceError", "find_mnist_source_dir", "load_mnist_arrays", "prepare_mnist",
-           "read_idx", "verify_mnist_source", "DatasetMeta", "DatasetNotFoundError",
+           "read_idx", "verify_mnist_source", "DataError", "DatasetMeta", "DatasetNotFoundError",
            "TrainIterator", "create_train_iterator", "get_dataset_meta", "load_examples",
            "open_builder", "to_model_range"]

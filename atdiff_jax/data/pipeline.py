@@ -64,6 +64,11 @@ class DatasetNotFoundError(FileNotFoundError):
     """The dataset is not prepared under ``data_dir`` (the message says how to prepare it)."""
 
 
+class DataError(ValueError):
+    """The prepared data cannot feed the model: too few examples, a missing feature, images of
+    another dtype or of different sizes (the message names the dataset and what is wrong)."""
+
+
 class DataStateMismatchError(ValueError):
     """A saved iterator state belongs to another data order; ``mismatched`` maps each differing
     state field (``global_batch_size``, ``seed``, ...) to ``(saved, now)``."""
@@ -153,12 +158,14 @@ class DatasetMeta:
       num_examples: ``{split: number of examples}``.
       image_shape: ``(H, W, C)`` of the image feature (``None`` for variable dimensions).
       num_classes: classes of the label feature, or ``None`` when there is none.
+      image_dtype: numpy dtype name of the image feature (``"uint8"``; ``None``: unknown).
     """
     name: str
     data_path: str
     num_examples: Mapping[str, int]
     image_shape: tuple[int | None, ...]
     num_classes: int | None
+    image_dtype: str | None = None
 
 
 def get_dataset_meta(dataset: str, *, data_dir: str | os.PathLike | None = None,
@@ -168,14 +175,16 @@ def get_dataset_meta(dataset: str, *, data_dir: str | os.PathLike | None = None,
     info = builder.info
     features = info.features
     if image_key not in features:
-        raise ValueError(f"dataset {dataset!r} has no feature {image_key!r} "
-                         f"(features: {sorted(features.keys())})")
+        raise DataError(f"dataset {dataset!r} has no feature {image_key!r} "
+                        f"(features: {sorted(features.keys())})")
     label = features[label_key] if label_key in features else None
+    dtype = getattr(features[image_key], "np_dtype", None)
     return DatasetMeta(
         name=info.name, data_path=os.fspath(builder.data_dir),
         num_examples={k: int(v.num_examples) for k, v in info.splits.items()},
         image_shape=tuple(features[image_key].shape),
-        num_classes=getattr(label, "num_classes", None))
+        num_classes=getattr(label, "num_classes", None),
+        image_dtype=None if dtype is None else np.dtype(dtype).name)
 
 
 # --------------------------------------------------------------------------- per-example ops
@@ -260,6 +269,9 @@ class _SplitReader:
         images = []
         for ex in examples:
             img = np.asarray(ex[self.spec.image_key])
+            if img.dtype != np.uint8:   # before resizing, which assumes uint8
+                raise DataError(f"images of {self.spec.dataset!r} are {img.dtype}; only uint8 "
+                                f"images in [0, 255] are supported")
             if img.ndim == 2:
                 img = img[..., None]
             if self.spec.image_size is not None:
@@ -268,11 +280,8 @@ class _SplitReader:
         try:
             images = np.stack(images)
         except ValueError as e:
-            raise ValueError(f"images of {self.spec.dataset!r} have different shapes; pass "
-                             f"image_size= to crop and resize them to one size") from e
-        if images.dtype != np.uint8:
-            raise ValueError(f"images of {self.spec.dataset!r} are {images.dtype}; only uint8 "
-                             f"images in [0, 255] are supported")
+            raise DataError(f"images of {self.spec.dataset!r} have different shapes; pass "
+                            f"image_size= to crop and resize them to one size") from e
         labels = None
         if with_labels:
             labels = np.asarray([ex[self.spec.label_key] for ex in examples], dtype=np.int32)
@@ -346,8 +355,10 @@ class TrainIterator(grain.DatasetIterator):
     """
 
     def __init__(self, loader: _BatchLoader, *, num_epochs: int | None,
-                 read_options: grain.ReadOptions, worker_count: int, fingerprint: dict[str, Any]):
+                 read_options: grain.ReadOptions, worker_count: int, fingerprint: dict[str, Any],
+                 meta: DatasetMeta | None = None):
         super().__init__()
+        self.meta = meta   # the dataset's sizes, image shape and classes (DatasetMeta)
         self._loader = loader
         self._end_step = (sys.maxsize if num_epochs is None
                           else int(num_epochs) * loader.steps_per_epoch)
@@ -514,19 +525,22 @@ def create_train_iterator(
         raise ValueError("worker_count, num_threads and prefetch_batches must be >= 0")
     meta = get_dataset_meta(dataset, data_dir=data_dir, image_key=image_key, label_key=label_key)
     if class_cond and meta.num_classes is None:
-        raise ValueError(f"class_cond=True but dataset {dataset!r} has no class-label feature "
-                         f"{label_key!r}")
+        raise DataError(f"class_cond=True but dataset {dataset!r} has no class-label feature "
+                        f"{label_key!r}")
+    if meta.image_dtype not in (None, "uint8"):   # also checked per example when read
+        raise DataError(f"images of {dataset!r} are {meta.image_dtype}; only uint8 images in "
+                        f"[0, 255] are supported")
     if image_size is None and any(d is None for d in meta.image_shape[:2]):
-        raise ValueError(f"dataset {dataset!r} has images of variable size "
-                         f"{meta.image_shape}; pass image_size=")
+        raise DataError(f"dataset {dataset!r} has images of variable size "
+                        f"{meta.image_shape}; pass image_size=")
     spec = _SourceSpec(dataset=dataset, data_dir=None if data_dir is None else os.fspath(data_dir),
                        split=split, image_key=image_key, label_key=label_key,
                        image_size=image_size)
     reader = _SplitReader(spec)
     num_records = len(reader)
     if num_records < global_batch_size:
-        raise ValueError(f"split {split!r} of {dataset!r} has {num_records} examples, fewer than "
-                         f"global_batch_size={global_batch_size}")
+        raise DataError(f"split {split!r} of {dataset!r} has {num_records} examples, fewer than "
+                        f"global_batch_size={global_batch_size}")
     loader = _BatchLoader(reader, num_records=num_records, seed=int(seed),
                           global_batch_size=int(global_batch_size), process_index=process_index,
                           process_count=process_count, random_flip=bool(random_flip),
@@ -538,7 +552,7 @@ def create_train_iterator(
     return TrainIterator(loader, num_epochs=num_epochs, worker_count=worker_count,
                          read_options=grain.ReadOptions(num_threads=num_threads,
                                                         prefetch_buffer_size=prefetch_batches),
-                         fingerprint=fingerprint)
+                         fingerprint=fingerprint, meta=meta)
 
 
 # --------------------------------------------------------------------------- evaluation data
@@ -562,8 +576,8 @@ def load_examples(dataset: str, *, data_dir: str | os.PathLike | None = None,
     n_total = len(reader)
     stop = n_total if num_examples is None else start + int(num_examples)
     if not 0 <= start <= stop <= n_total:
-        raise ValueError(f"cannot read examples [{start}, {stop}) of split {split!r} of "
-                         f"{dataset!r}, which has {n_total}")
+        raise DataError(f"cannot read examples [{start}, {stop}) of split {split!r} of "
+                        f"{dataset!r}, which has {n_total}")
     images, labels = [], []
     for lo in range(start, stop, chunk_size):
         img, lbl = reader.read(range(lo, min(stop, lo + chunk_size)), with_labels=with_labels)

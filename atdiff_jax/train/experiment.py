@@ -117,7 +117,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         if not 0 <= _get(config, path) < 1:
             raise ConfigError(f"config.{path} must be in [0, 1), got {_get(config, path)!r}")
     rates = tuple(_get(config, "train.ema_rates"))
-    if not rates or any(not 0 <= r < 1 for r in rates):
+    if not rates or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1
+                        for r in rates):   # `--config.train.ema_rates=0.99,abc` gives a str
         raise ConfigError(f"config.train.ema_rates must be a non-empty list of rates in [0, 1), "
                           f"got {rates!r}")
     if config.train.global_batch_size % config.train.microbatches:

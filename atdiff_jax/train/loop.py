@@ -28,7 +28,7 @@ from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
 from atdiff_jax.convert.guided_diffusion import load_torch_state_dict, params_from_state_dict
-from atdiff_jax.data.pipeline import DataStateMismatchError, create_train_iterator
+from atdiff_jax.data.pipeline import DataError, DataStateMismatchError, create_train_iterator
 from atdiff_jax.eval import samples as samples_lib
 from atdiff_jax.train import checkpoint as ckpt
 from atdiff_jax.train import sharding
@@ -40,6 +40,10 @@ from atdiff_jax.train.experiment import (ConfigError, Experiment, build_experime
 from atdiff_jax.train.paths import workdir_path
 from atdiff_jax.train.state import TrainState, create_state, ema_key, init_params
 from atdiff_jax.train.step import make_train_step
+
+
+class EmaRateError(ConfigError):
+    """The EMA rate asked for is not one of the run's ``train.ema_rates``."""
 
 
 # Metrics that are counters or schedules: logged at their last value, not averaged over the window.
@@ -90,7 +94,7 @@ def load_teacher(config: ml_collections.ConfigDict) -> Teacher | None:
     try:
         model, params, experiment, teacher_config = restore_for_sampling(workdir, step, rate)
     except ValueError as e:
-        if isinstance(e, ConfigError):
+        if isinstance(e, ConfigError) and not isinstance(e, EmaRateError):
             raise
         raise ConfigError(f"config.teacher.ema_rate: {e}") from None
     logging.info("teacher: %s step %s (EMA %s)", workdir, step if step is not None else max(steps),
@@ -222,6 +226,31 @@ def _initial_state(config, experiment, optimizer, shardings, teacher: Teacher | 
     return _put(jax.device_get(create_state(experiment, optimizer, params, ema)), shardings)
 
 
+def check_data_fits_model(config: ml_collections.ConfigDict, meta) -> None:
+    """The dataset's channels and classes fit ``config.model`` (else one ConfigError).
+
+    A wrong channel count would fail deep inside the jitted step; labels >= num_classes would be
+    clamped silently by the class embedding.
+    """
+    if meta is None:
+        return
+    name = config.data.dataset
+    channels = meta.image_shape[-1]
+    if channels is not None and channels != config.model.in_channels:
+        raise ConfigError(f"config.model.in_channels is {config.model.in_channels}, but the images "
+                          f"of {name!r} have {channels} channel(s): set "
+                          f"--config.model.in_channels={channels}")
+    if config.model.class_cond and meta.num_classes:
+        guided = (cm_kind(config) == "lcm" and bool(config.cm.lcm.guidance))
+        null = 1 if float(config.train.get("label_dropout", 0.0)) > 0 or guided else 0
+        need = meta.num_classes + null
+        if config.model.num_classes < need:
+            why = " plus the null class num_classes - 1" if null else ""
+            raise ConfigError(f"config.model.num_classes is {config.model.num_classes}, but "
+                              f"{name!r} has {meta.num_classes} classes{why}: set "
+                              f"--config.model.num_classes={need}")
+
+
 def _write_grid(config, experiment, state, mesh, workdir, step, writer):
     rate = config.train.ema_rates[0]
     images, _ = samples_lib.generate(
@@ -256,14 +285,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if (config.train.global_batch_size // config.train.microbatches) % jax.device_count():
         raise ConfigError("config.train.global_batch_size / config.train.microbatches must be "
                           f"divisible by the number of devices ({jax.device_count()})")
+    ckpt.check_access(workdir)       # e.g. gs:// without credentials: one clear error
     teacher = load_teacher(config)   # CM runs: checked before anything is written
 
-    iterator = create_train_iterator(
-        dataset=config.data.dataset, data_dir=data_dir, split=config.data.split,
-        global_batch_size=config.train.global_batch_size, seed=config.seed,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        random_flip=config.data.random_flip, class_cond=config.model.class_cond,
-        image_size=config.model.image_size, worker_count=config.data.worker_count)
+    try:
+        iterator = create_train_iterator(
+            dataset=config.data.dataset, data_dir=data_dir, split=config.data.split,
+            global_batch_size=config.train.global_batch_size, seed=config.seed,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            random_flip=config.data.random_flip, class_cond=config.model.class_cond,
+            image_size=config.model.image_size, worker_count=config.data.worker_count)
+    except DataError as e:
+        raise ConfigError(f"config.data: {e}") from None
+    check_data_fits_model(config, iterator.meta)
 
     abstract = _abstract_state(experiment, optimizer)
     shardings = sharding.state_shardings(abstract, mesh)
@@ -318,7 +352,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     step = start
     with _Preemption() as preemption:
         for step in range(start + 1, total + 1):
-            batch = sharding.global_batch(next(iterator), mesh)
+            try:
+                batch = sharding.global_batch(next(iterator), mesh)
+            except DataError as e:   # e.g. images of another dtype
+                raise ConfigError(f"config.data: {e}") from None
             if experiment.cm is None:
                 state, metrics = train_step(state, batch)
             else:  # the CM schedule of the minibatches done so far (state.step == step - 1)
@@ -392,5 +429,6 @@ def restore_for_sampling(workdir: str, step: int | None = None, ema_rate: float 
     state, experiment, config = _restore_local(workdir, step)
     rate = config.train.ema_rates[0] if ema_rate is None else ema_rate
     if ema_key(rate) not in state.ema:
-        raise ValueError(f"ema_rate {rate} is not in this run; it has {list(config.train.ema_rates)}")
+        raise EmaRateError(f"ema_rate {rate} is not in this run; it has "
+                           f"{list(config.train.ema_rates)}")
     return experiment.model, state.ema[ema_key(rate)], experiment, config
