@@ -424,7 +424,7 @@ def main(argv: list[str]) -> None:
     )
     from atdiff_jax.convert.inception import InceptionWeightsError
     from atdiff_jax.data.mnist import MnistSourceError
-    from atdiff_jax.data.pipeline import DatasetNotFoundError
+    from atdiff_jax.data.pipeline import DataError, DatasetNotFoundError
     from atdiff_jax.eval.mnist_fd import ClassifierWeightsError
     from atdiff_jax.eval.report import EvalError
     from atdiff_jax.eval.study import StudyError
@@ -445,9 +445,10 @@ def main(argv: list[str]) -> None:
             _experiment()
         else:
             _sample()
-    except (app.UsageError, ConfigError, CheckpointError, DatasetNotFoundError, MnistSourceError,
-            EvalError, InceptionWeightsError, StudyError, CheckpointIntegrityError,
-            StateDictMismatchError, ClassifierWeightsError, FileNotFoundError) as e:
+    except (app.UsageError, ConfigError, CheckpointError, DatasetNotFoundError, DataError,
+            MnistSourceError, EvalError, InceptionWeightsError, StudyError,
+            CheckpointIntegrityError, StateDictMismatchError, ClassifierWeightsError,
+            FileNotFoundError, PermissionError) as e:
         # Bad input: one clear message, no traceback, non-zero exit; nothing was overwritten.
         _fail(command, e)
 
