@@ -69,6 +69,11 @@ class DataError(ValueError):
     another dtype or of different sizes (the message names the dataset and what is wrong)."""
 
 
+def _not_uint8(dataset: str, dtype) -> DataError:
+    return DataError(f"images of {dataset!r} are {np.dtype(dtype).name}; only uint8 images in "
+                     f"[0, 255] are supported")
+
+
 class DataStateMismatchError(ValueError):
     """A saved iterator state belongs to another data order; ``mismatched`` maps each differing
     state field (``global_batch_size``, ``seed``, ...) to ``(saved, now)``."""
@@ -270,8 +275,7 @@ class _SplitReader:
         for ex in examples:
             img = np.asarray(ex[self.spec.image_key])
             if img.dtype != np.uint8:   # before resizing, which assumes uint8
-                raise DataError(f"images of {self.spec.dataset!r} are {img.dtype}; only uint8 "
-                                f"images in [0, 255] are supported")
+                raise _not_uint8(self.spec.dataset, img.dtype)
             if img.ndim == 2:
                 img = img[..., None]
             if self.spec.image_size is not None:
@@ -528,8 +532,7 @@ def create_train_iterator(
         raise DataError(f"class_cond=True but dataset {dataset!r} has no class-label feature "
                         f"{label_key!r}")
     if meta.image_dtype not in (None, "uint8"):   # also checked per example when read
-        raise DataError(f"images of {dataset!r} are {meta.image_dtype}; only uint8 images in "
-                        f"[0, 255] are supported")
+        raise _not_uint8(dataset, meta.image_dtype)
     if image_size is None and any(d is None for d in meta.image_shape[:2]):
         raise DataError(f"dataset {dataset!r} has images of variable size "
                         f"{meta.image_shape}; pass image_size=")
