@@ -35,7 +35,15 @@ import pytest  # noqa: E402
 # meshes, output schemas), not speed or the numbers of one compiled program: LLVM's optimisation
 # of the generated CPU code is turned down, which cuts a tiny `atdiff train`'s compile CPU time by
 # about a third and leaves every HLO pass as it is. Every run a test compares uses the same flags.
+# Not for the reference-vector tests: sin/cos and other expansions round differently at this
+# level (the timestep embedding moves by ~1.7e-6), so those run in-process with XLA's defaults.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+
+
+def fast_compile_xla_flags(*extra: str) -> str:
+    """``XLA_FLAGS`` for such a subprocess: the caller's flags (e.g. the portability check's
+    ``--xla_cpu_max_isa=AVX2``), then ``FAST_COMPILE``, then ``extra``."""
+    return " ".join(filter(None, (os.environ.get("XLA_FLAGS", ""), FAST_COMPILE, *extra)))
 
 # float32 everywhere; on TPU the reference tolerances need full-precision matmuls.
 jax.config.update("jax_default_matmul_precision", "highest")

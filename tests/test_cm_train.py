@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from conftest import fast_compile_xla_flags
 
 from atdiff_jax.adversarial import AdversaryConfig, run_adversary
 from atdiff_jax.consistency import (
@@ -399,7 +400,10 @@ def test_guided_lcm_step_trains_the_guidance_embedding():
 
 
 def atdiff(*args, timeout=600, cache_dir=None):
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
+    """``atdiff ARGS`` in a subprocess, compiled with conftest.FAST_COMPILE (the CLI runs are
+    compared with each other: the resume is bit for bit against the uninterrupted run)."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
+               XLA_FLAGS=fast_compile_xla_flags())
     if cache_dir:  # the CLI processes share this module's compilation cache
         env.update(JAX_COMPILATION_CACHE_DIR=cache_dir,
                    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",

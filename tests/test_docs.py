@@ -50,6 +50,7 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import fast_compile_xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -1063,6 +1064,8 @@ def _tool_env(bin_dir: pathlib.Path, **extra: str) -> dict[str, str]:
            if not k.startswith(("ATDIFF_", "JAX_", "XLA_"))}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", JAX_PLATFORMS="cpu",
                TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
+               XLA_FLAGS=fast_compile_xla_flags(),  # the docs' commands, checked for what they
+               # write and print, not for the numbers of one compiled program
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
     env.update(extra)
     return env

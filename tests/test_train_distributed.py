@@ -27,7 +27,7 @@ compared through checkpoints restored with ``restore_state`` onto this process's
   uninterrupted run BIT FOR BIT. SIGTERM mid-run: a checkpoint at the next step boundary, exit
   code 0; the same command again resumes to the same bit-identical final state.
 
-Every run compiles with ``conftest.FAST_COMPILE`` (LLVM's optimisation of the CPU code turned
+Every run compiles with ``conftest.FAST_COMPILE`` (after the caller's ``XLA_FLAGS``) (LLVM's optimisation of the CPU code turned
 down; the HLO passes unchanged): the same flags for all the runs that are compared, and about a
 third less compile time. The measured diffs above were taken with these flags.
 
@@ -54,7 +54,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from conftest import FAST_COMPILE
+from conftest import fast_compile_xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TINY = REPO / "configs" / "tiny.py"
@@ -178,9 +178,9 @@ class Runs:
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("ATDIFF_", "JAX_", "XLA_"))}
         env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
-                   XLA_FLAGS=FAST_COMPILE)  # the same for every run: they are compared
-        if devices > 1:
-            env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
+                   # the same for every run: they are compared
+                   XLA_FLAGS=fast_compile_xla_flags(
+                       f"--xla_force_host_platform_device_count={devices}" if devices > 1 else ""))
         if cache:  # the single-device runs share their compiled train step and init
             env["JAX_COMPILATION_CACHE_DIR"] = str(self.cache_dir)
         env.update(extra)
