@@ -11,6 +11,7 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from atdiff_jax.diffusion.timestep_sampler import LossHistory
@@ -46,6 +47,22 @@ def init_params(experiment: Experiment, rng: jax.Array) -> Any:
     y = jnp.zeros((1,), jnp.int32) if experiment.class_cond else None
     kw = {} if experiment.model.guidance_embed_dim is None else {"w": jnp.zeros((1,), jnp.float32)}
     return experiment.model.init({"params": rng}, x, t, y=y, train=False, **kw)["params"]
+
+
+def merge_teacher_params(init: Any, teacher: Any) -> Any:
+    """The student's initial params: the teacher's (host arrays) wherever the trees agree (same
+    path and shape), ``init`` elsewhere (e.g. an LCM student's zero-initialised
+    ``guidance_proj``). ``init`` may be abstract (``jax.eval_shape``): its unmatched leaves then
+    stay ``ShapeDtypeStruct``s, which tells the caller a real init is needed."""
+    flat_t = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(teacher)}
+
+    def pick(path, x):
+        v = flat_t.get(jax.tree_util.keystr(path))
+        if v is None or tuple(np.shape(v)) != tuple(x.shape):
+            return x
+        return np.asarray(v, x.dtype)
+
+    return jax.tree_util.tree_map_with_path(pick, init)
 
 
 def create_state(experiment: Experiment, optimizer: optax.GradientTransformation, params: Any,
