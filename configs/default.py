@@ -3,7 +3,7 @@
 Experiment configs import this module, call `get_config()` and override fields. Any field can also
 be overridden on the command line: `atdiff train --config=configs/mnist_adm_at.py
 --config.adv.steps=5 --config.train.global_batch_size=64`. Invalid values are rejected at start-up
-with the option's name and the allowed values (atdiff_jax/train/experiment.py: validate_config).
+with the option's name and the allowed values (atdiff_jax/train/build.py: validate_config).
 """
 import ml_collections
 

@@ -39,8 +39,8 @@ from atdiff_jax.diffusion.gaussian import create_gaussian_diffusion
 from atdiff_jax.train import objectives as objectives_lib
 from atdiff_jax.train import step as step_lib
 from atdiff_jax.train.ema import ema_update
-from atdiff_jax.train.experiment import (ConfigError, build_experiment, build_model,
-                                         build_optimizer, lr_schedule, validate_config)
+from atdiff_jax.train.build import (ConfigError, build_experiment, build_model,
+                                    build_optimizer, lr_schedule, validate_config)
 from atdiff_jax.train.state import CMTrainState, create_state, ema_key, init_params
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -251,7 +251,7 @@ def test_lcm_latent_mode_and_sampler():
 def test_unet_guidance_embedding():
     """guidance_proj starts at zero (the student is exactly the network it copies), then w
     changes the output; w is required iff the model has the embedding."""
-    from atdiff_jax.convert.guided_diffusion import create_model
+    from atdiff_jax.models.adm import create_model
     base = create_model(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1",
                         attention_resolutions="", in_channels=1, use_scale_shift_norm=True)
     guided = base.clone(guidance_embed_dim=16)
@@ -411,11 +411,11 @@ def atdiff(*args, timeout=600, cache_dir=None):
 
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory, mnist_data_dir):
-    from atdiff_jax.train.loop import train_and_evaluate
+    from atdiff_jax.train.loop import train
     workdir = tmp_path_factory.mktemp("cm_e2e") / "teacher"
     config = config_of(TINY, **{"data.data_dir": str(mnist_data_dir), "adv.kind": "none",
                                 "adv.steps": 1, "train.num_minibatches": 2})
-    train_and_evaluate(config, str(workdir))
+    train(config, str(workdir))
     return workdir
 
 
@@ -470,7 +470,7 @@ def test_distil_with_at_and_resume_bit_for_bit(cm_run, teacher_run, mnist_data_d
 
 
 def test_sample_one_and_two_steps(cm_run, tmp_path, compilation_cache):
-    from atdiff_jax.eval import samples as samples_lib
+    from atdiff_jax import samplers as samples_lib
     from atdiff_jax.train.loop import restore_for_sampling
     workdir = cm_run
     model, params, experiment, _ = restore_for_sampling(str(workdir))

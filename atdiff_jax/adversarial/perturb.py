@@ -21,10 +21,11 @@ import math
 import jax
 import jax.numpy as jnp
 
+from atdiff_jax.diffusion.gaussian import TARGET_TYPES
+
 NORMS = ("l2", "linf")
 RADIUS_SCALINGS = ("sqrt_dim", "absolute")
 KINDS = ("none", "fast", "pgd", "random")
-TARGET_TYPES = ("delta_detach", "delta", "original")
 
 
 def per_example_l2(x: jax.Array) -> jax.Array:

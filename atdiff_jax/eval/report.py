@@ -5,7 +5,7 @@ One protocol everywhere (the FID protocol of the docs):
 * **Params**: the EMA params of the chosen checkpoint (``--ema_rate``, default the run's first
   rate), restored on whatever devices exist.
 * **Samples**: ``num_samples`` images per (sampler, NFE); batch ``b`` starts from
-  ``fold_in(seed, b)`` (:func:`atdiff_jax.eval.samples.generate`), so every sampler and every
+  ``fold_in(seed, b)`` (:func:`atdiff_jax.samplers.generate`), so every sampler and every
   model in a comparison starts from the same x_T. Samples are rounded to uint8 exactly as saved
   images are (``to_uint8``) before any metric sees them.
 * **FID**: InceptionV3 pool3 features (TF 2015-12-05 network, converted once with ``atdiff
@@ -37,8 +37,9 @@ import jax
 import numpy as np
 from etils import epath
 
+from atdiff_jax.samplers import EVAL_SAMPLERS
+
 METRICS = ("fd_mnist", "fid", "robustness")
-EVAL_SAMPLERS = ("ddim", "iddpm", "es", "dpm_solver")
 DEFAULT_ES_SCALE = 1.017  # Ning et al. 2024 on CIFAR-10 (SPEC §5)
 
 
@@ -54,7 +55,7 @@ def _check_choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> 
 
 def _sample(model, params, experiment, *, sampler: str, nfe: int, num: int, seed: int,
             batch_size: int, es_scale: float) -> np.ndarray:
-    from atdiff_jax.eval.samples import generate
+    from atdiff_jax.samplers import generate
     cfg_model = experiment.model
     shape = (cfg_model.image_size, cfg_model.image_size, cfg_model.in_channels)
     images, _ = generate(model, params, experiment.diffusion, num=num, image_shape=shape,
@@ -105,7 +106,7 @@ def _robustness(model, params, experiment, config, data_dir: str, *, seed: int,
     from atdiff_jax.data.pipeline import load_examples, to_model_range
     from atdiff_jax.eval import robustness
     from atdiff_jax.eval.mnist_fd import classifier_precision, mnist_feature_distance
-    from atdiff_jax.eval.samples import batch_shardings, to_uint8
+    from atdiff_jax.samplers import batch_shardings, to_uint8
 
     def spread(x):   # over this process's devices: per-example work, the same numbers
         sh = batch_shardings(x.shape[0])
@@ -178,7 +179,7 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
     from atdiff_jax.eval.robustness import attack_timesteps
     from atdiff_jax.train.checkpoint import create_manager
     from atdiff_jax.train.loop import default_data_dir, restore_for_sampling
-    from atdiff_jax.train.paths import workdir_path, write_atomic
+    from atdiff_jax.paths import workdir_path, write_atomic
 
     _check_choices("metrics", metrics, METRICS)
     _check_choices("samplers", samplers, EVAL_SAMPLERS)
@@ -309,7 +310,7 @@ def _plots(results: Sequence[dict], out: epath.Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from atdiff_jax.train.paths import write_atomic
+    from atdiff_jax.paths import write_atomic
     written = []
     for metric in ("fd_mnist", "fid"):
         if not any(metric in r for res in results for r in res["rows"]):

@@ -56,7 +56,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from atdiff_jax.eval.report import EVAL_SAMPLERS
+from atdiff_jax.samplers import EVAL_SAMPLERS
 
 
 class StudyError(ValueError):
@@ -248,12 +248,12 @@ def train(config, workdir: pathlib.Path) -> float:
       StudyInterrupted: the run was stopped (SIGTERM) before its last minibatch; its checkpoint
         is written and the next invocation resumes it.
     """
-    from atdiff_jax.train.loop import train_and_evaluate
+    from atdiff_jax.train.loop import train
     _check_saved_config(workdir, config)
     if _latest_step(workdir) == config.train.num_minibatches:
         return 0.0
     t0 = time.perf_counter()
-    train_and_evaluate(config, str(workdir))
+    train(config, str(workdir))
     done = _latest_step(workdir)
     if done != config.train.num_minibatches:
         raise StudyInterrupted(f"{workdir} stopped at minibatch {done} of "
@@ -262,7 +262,7 @@ def train(config, workdir: pathlib.Path) -> float:
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
-    from atdiff_jax.train.paths import write_atomic
+    from atdiff_jax.paths import write_atomic
     write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 

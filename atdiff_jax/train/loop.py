@@ -1,11 +1,11 @@
-"""The training loop (``train_and_evaluate``) and restoring a run (``restore_state``, sampling).
+"""The training loop (``train``) and restoring a run (``restore_state``, sampling).
 
 Every process runs the same program. The state lives on a (data, fsdp) mesh over all devices of
 all processes; each process feeds its slice of the global batch. A workdir with checkpoints is
 resumed automatically (state, data-iterator position and RNG counters), which gives bit-identical
 parameters to an uninterrupted run. SIGTERM (preemption) makes every process save at the next step
 boundary and exit cleanly. Workdirs are ``etils.epath`` paths: local, or a URL such as
-``gs://bucket/run`` (:func:`atdiff_jax.train.paths.workdir_path`).
+``gs://bucket/run`` (:func:`atdiff_jax.paths.workdir_path`).
 
 A consistency-model run (``config.cm.kind != "none"``) restores its DPM teacher's EMA params from
 ``config.teacher.workdir`` (``restore_for_sampling``; checked against the run's config before
@@ -27,16 +27,15 @@ import numpy as np
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
+from atdiff_jax import samplers as samples_lib
 from atdiff_jax.convert.guided_diffusion import load_torch_state_dict, params_from_state_dict
 from atdiff_jax.data.pipeline import DataError, DataStateMismatchError, create_train_iterator
-from atdiff_jax.eval import samples as samples_lib
+from atdiff_jax.paths import workdir_path
 from atdiff_jax.train import checkpoint as ckpt
 from atdiff_jax.train import sharding
-from atdiff_jax.train.experiment import (ConfigError, Experiment, build_experiment,
-                                         build_optimizer, check_init_config,
-                                         check_teacher_config, cm_kind, lr_schedule,
-                                         resume_data_error)
-from atdiff_jax.train.paths import workdir_path
+from atdiff_jax.train.build import (ConfigError, Experiment, build_experiment, build_optimizer,
+                                    check_init_config, check_teacher_config, cm_kind,
+                                    lr_schedule, resume_data_error)
 from atdiff_jax.train.objectives import step_schedule
 from atdiff_jax.train.state import (TrainState, create_state, ema_key, init_params,
                                    merge_teacher_params)
@@ -267,8 +266,8 @@ def _write_grid(config, experiment, state, mesh, workdir, step, writer):
         writer.write_images(step, {"ema_samples": tile[None]})
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-                       restore_step: int | None = None) -> TrainState:
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+          restore_step: int | None = None) -> TrainState:
     """Trains (or resumes) ``config`` in ``workdir`` (local or e.g. ``gs://``); returns the final
     state."""
     experiment = build_experiment(config)   # validates the config first

@@ -35,8 +35,8 @@ from atdiff_jax.consistency.karras import vp_denoiser
 from atdiff_jax.consistency.lcm import ddim_timesteps, lcm_loss
 from atdiff_jax.consistency.losses import consistency_loss
 from atdiff_jax.diffusion.objective import denoising_loss
+from atdiff_jax.train.build import Experiment
 from atdiff_jax.train.ema import ema_update
-from atdiff_jax.train.experiment import Experiment
 
 __all__ = ["ConsistencyObjective", "DenoisingObjective", "cm_loss_batch", "cm_schedule",
            "drop_labels", "objective_for", "step_schedule"]
@@ -86,8 +86,8 @@ class DenoisingObjective:
         exp = self.experiment
         x0 = batch["image"]
         keys = _example_keys(step_key, x0.shape[0])
-        t, weights = exp.sampler.sample_per_example(
-            state.sampler, jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys))
+        t, weights = exp.timestep_sampler.sample_per_example(
+            state.timestep_sampler, jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys))
         out = {"x_start": x0, "t": t, "noise": _normal_per_example(keys, 1, x0.shape[1:]),
                "weights": weights}
         if exp.class_cond:
@@ -110,7 +110,8 @@ class DenoisingObjective:
 
     def after_update(self, state, mb: dict, aux: dict, schedule: dict):
         exp = self.experiment
-        return state.replace(sampler=exp.sampler.update(state.sampler, mb["t"], aux["loss"]))
+        return state.replace(timestep_sampler=exp.timestep_sampler.update(
+            state.timestep_sampler, mb["t"], aux["loss"]))
 
     def metrics(self, m: dict, schedule: dict) -> dict:
         return {k: jnp.mean(m["aux"][k]) for k in ("mse", "vb") if k in m["aux"]}

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 
 from atdiff_jax.diffusion.timestep_sampler import LossHistory
-from atdiff_jax.train.experiment import Experiment
+from atdiff_jax.train.build import Experiment
 
 
 def ema_key(rate: float) -> str:
@@ -31,7 +31,7 @@ class TrainState:
     params: Any
     ema: dict[str, Any]  # {ema_key(rate): params}
     opt_state: Any
-    sampler: LossHistory
+    timestep_sampler: LossHistory
 
 
 @flax.struct.dataclass
@@ -75,7 +75,7 @@ def create_state(experiment: Experiment, optimizer: optax.GradientTransformation
     fields = dict(
         step=jnp.int32(0), updates=jnp.int32(0), skipped=jnp.int32(0), params=params,
         ema={ema_key(r): jax.tree.map(jnp.array, ema_src) for r in experiment.ema_rates},
-        opt_state=optimizer.init(params), sampler=experiment.sampler.init())
+        opt_state=optimizer.init(params), timestep_sampler=experiment.timestep_sampler.init())
     if experiment.cm is not None:
         return CMTrainState(target=jax.tree.map(jnp.array, params), **fields)
     return TrainState(**fields)

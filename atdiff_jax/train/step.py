@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import optax
 
 from atdiff_jax.adversarial.driver import run_adversary, value_and_grads
+from atdiff_jax.train.build import Experiment
 from atdiff_jax.train.ema import ema_update
-from atdiff_jax.train.experiment import Experiment
 from atdiff_jax.train.objectives import objective_for
 from atdiff_jax.train.state import TrainState, ema_key
 
@@ -186,7 +186,7 @@ def standalone_train_step(config, seed: int = 0):
     """``(step, state, batch)`` of a DPM config, outside the train loop: its train step jitted
     with the state donated, a freshly initialised state and a random batch of the config's
     global size. The experiment's equal-wall-clock timing and ``bench/`` time this."""
-    from atdiff_jax.train.experiment import build_experiment, build_optimizer, lr_schedule
+    from atdiff_jax.train.build import build_experiment, build_optimizer, lr_schedule
     from atdiff_jax.train.state import create_state, init_params
     exp, opt = build_experiment(config), build_optimizer(config)
     state = create_state(exp, opt, init_params(exp, jax.random.key(seed)))
