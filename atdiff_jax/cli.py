@@ -366,10 +366,10 @@ def _eval() -> None:
 
 
 def _experiment() -> None:
-    from atdiff_jax.eval.study import run_experiment, validate_spec
+    from atdiff_jax.experiment import run_experiment, validate_spec
     if FLAGS.spec is None or FLAGS.root is None:
         raise UsageError("atdiff experiment needs --spec=configs/experiments/X.py and --root=DIR")
-    from atdiff_jax.eval.study import StudyInterrupted
+    from atdiff_jax.experiment import StudyInterrupted
     validate_spec(FLAGS.spec)
     try:
         report = run_experiment(FLAGS.spec, FLAGS.root, until=FLAGS.until)
@@ -427,9 +427,9 @@ def main(argv: list[str]) -> None:
     from atdiff_jax.data.pipeline import DataError, DatasetNotFoundError
     from atdiff_jax.eval.mnist_fd import ClassifierWeightsError
     from atdiff_jax.eval.report import EvalError
-    from atdiff_jax.eval.study import StudyError
-    from atdiff_jax.train.checkpoint import CheckpointError
+    from atdiff_jax.experiment import StudyError
     from atdiff_jax.train.build import ConfigError
+    from atdiff_jax.train.checkpoint import CheckpointError
     try:
         if command == "data":
             _data(rest)

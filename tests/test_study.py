@@ -1,4 +1,4 @@
-"""`atdiff experiment` (atdiff_jax.eval.study): fine-tuning from a run, the smoke experiment end to
+"""`atdiff experiment` (atdiff_jax.experiment): fine-tuning from a run, the smoke experiment end to
 end, resuming it, and bad specs."""
 import json
 import pathlib
@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from atdiff_jax.eval import study
+from atdiff_jax import experiment as study
 from atdiff_jax.train.build import ConfigError
 
 ROOT = pathlib.Path(__file__).parent.parent
