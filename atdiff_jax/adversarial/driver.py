@@ -10,10 +10,11 @@ The drivers are generic over the objective and over what an "update" is:
   step (EMA update, timestep-sampler update, step counters).
 * ``params_of(state) -> params``: the parameters the loss is evaluated at.
 
-``fast_at`` is the authors' "fast" recipe (SPEC §2.1): δ = 0 at the start of every minibatch, K
-inner steps each doing ONE forward/backward that yields the gradients for both the params and δ
-(``jax.value_and_grad(..., argnums=(0, 1))``), an update at every inner step, and a normalised,
-projected ascent step on δ between inner steps. The whole minibatch is one jittable function.
+``fast_at`` is the authors' "fast" (free) AT recipe, as their released code runs it (docs/method.md,
+"Fast AT"): δ = 0 at the start of every minibatch, K inner steps each doing ONE forward/backward
+that yields the gradients for both the params and δ (``jax.value_and_grad(..., argnums=(0, 1))``),
+an update at every inner step, and a normalised, projected ascent step on δ between inner steps. The
+whole minibatch is one jittable function.
 
 The K inner steps are a fully unrolled ``lax.scan``: on XLA:CPU, convolution gradients inside a
 while loop run ~15x slower than the same ops unrolled (measured: 3.0 s vs 0.19 s for six conv

@@ -41,7 +41,7 @@ from atdiff_jax.paths import workdir_path, write_atomic
 from atdiff_jax.samplers import EVAL_SAMPLERS
 
 METRICS = ("fd_mnist", "fid", "robustness")
-DEFAULT_ES_SCALE = 1.017  # Ning et al. 2024 on CIFAR-10 (SPEC §5)
+DEFAULT_ES_SCALE = 1.017  # ES's λ in the authors' CIFAR-10 script (docs/method.md, "Baselines")
 
 
 class EvalError(ValueError):

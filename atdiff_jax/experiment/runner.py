@@ -1,6 +1,7 @@
 """Running an experiment (``atdiff experiment``): the spec, its stages, resuming, timing.
 
-The paper's comparison (SPEC §3.1) at MNIST scale, resumable.
+The paper's comparison of clean ADM, ADM-AT and the baselines in its CIFAR-10 recipe
+(docs/method.md, "Hyper-parameters" and "Baselines"), at MNIST scale, resumable.
 
 The experiment is described by a *spec* (``configs/experiments/mnist.py``; a smoke version is
 ``configs/experiments/smoke.py``) and lives in one root directory::
