@@ -21,6 +21,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import FAST_COMPILE
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -37,7 +38,6 @@ SCRIPTS = {
                 "--flag_rounds=1", "--flag_iters=1", "--torch_threads=1"],
 }
 
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 # the sampler benchmark also runs with the batch split over 2 simulated devices
 DEVICES = {"samplers": " --xla_force_host_platform_device_count=2"}
 

@@ -421,6 +421,18 @@ def test_load_examples(toy_dir):
     assert load_examples(TOY_NAME, data_dir=toy_dir, split="test").shape == (20, 8, 8, 3)
     with pytest.raises(ValueError, match="has 20"):
         load_examples(TOY_NAME, data_dir=toy_dir, split="test", num_examples=30)
+    # chosen positions, in the given order (repeats allowed), decoded one by one
+    idx = [17, 2, 2, 9]
+    images, labels = load_examples(TOY_NAME, data_dir=toy_dir, split="test", indices=idx,
+                                   with_labels=True)
+    np.testing.assert_array_equal(images, np.stack([toy_image(1000 + i) for i in idx]))
+    np.testing.assert_array_equal(labels, [(1000 + i) % 10 for i in idx])
+    assert load_examples(TOY_NAME, data_dir=toy_dir, split="test",
+                         indices=np.array([], int)).shape == (0, 8, 8, 3)
+    with pytest.raises(ValueError, match=r"indices outside \[0, 20\)"):
+        load_examples(TOY_NAME, data_dir=toy_dir, split="test", indices=[3, 20])
+    with pytest.raises(ValueError, match="either indices or start"):
+        load_examples(TOY_NAME, data_dir=toy_dir, split="test", indices=[3], start=1)
 
 
 def test_missing_dataset_errors(tmp_path):

@@ -10,6 +10,9 @@ What is checked here:
 
 * structure (no JAX): every block is marked, every referenced test exists and its ``slow`` flag
   agrees with the test, every not-run reason says what is needed;
+* links (no JAX): every relative link of README.md, docs/*.md and bench/README.md points at an
+  existing file and, with a ``#anchor``, at an existing heading (GitHub's slugs); no .md file
+  cites sections of the project's internal specification ("SPEC §...");
 * every ``atdiff`` command anywhere in the docs uses real subcommands, flags and values, and every
   ``atdiff train`` command's config loads with its overrides (ml_collections flag parsing, as
   the CLI) and passes ``validate_config`` / ``build_experiment``;
@@ -251,6 +254,143 @@ def test_shell_parsing():
     assert cheap("atdiff train --config=c.py --config.adv.steps=5 \\\n"
                  "  --config.train.num_minibatches=800\n", minibatches=3) == (
         "atdiff train --config=c.py --config.adv.steps=5    --config.train.num_minibatches=3\n")
+
+
+# --------------------------------------------------------------------------------------------
+# 1b. links and references (no JAX)
+
+# The pages whose relative links are checked: the front page, the docs, the benchmarks' page.
+LINKED_PAGES = ("README.md", "docs/*.md", "bench/README.md")
+_LINK = re.compile(r"!?\[((?:[^\[\]]|\[[^\]]*\])*)\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+_HEADING = re.compile(r"^ {0,3}(#{1,6})\s+(.*?)\s*#*\s*$")
+
+
+def _strip_code(text: str, spans: bool = True) -> str:
+    """Markdown text with fenced code blocks blanked (line numbers kept) and, with ``spans``,
+    code spans removed."""
+    out, fence = [], None
+    for line in text.splitlines():
+        m = re.match(r"^\s*(```+|~~~+)", line)
+        if fence is None and m:
+            fence = m.group(1)[0] * 3
+            out.append("")
+        elif fence is not None:
+            if line.strip().startswith(fence):
+                fence = None
+            out.append("")
+        else:
+            out.append(re.sub(r"(`+)(?:(?!\1).)+?\1", "", line) if spans else line)
+    return "\n".join(out)
+
+
+def github_slug(heading: str) -> str:
+    """The anchor GitHub gives a heading (github-slugger): the rendered text lower-cased, every
+    character but letters, digits, marks, ``_``, ``-`` and spaces removed, spaces -> ``-``."""
+    import unicodedata
+    text = re.sub(r"!?\[([^\]]*)\]\([^)]*\)", r"\1", heading)   # links and images: their text
+    text = re.sub(r"<[^>]+>", "", text).replace("`", "")
+    text = re.sub(r"(\*\*|\*)", "", text)
+    kept = [ch for ch in text.lower()
+            if ch in "-_ " or unicodedata.category(ch)[0] in "LNM"
+            or unicodedata.category(ch) == "Pc"]
+    return "".join(kept).replace(" ", "-")
+
+
+def heading_anchors(path: pathlib.Path) -> set[str]:
+    """Every anchor of a markdown file's headings, duplicates numbered as GitHub does."""
+    seen: dict[str, int] = {}
+    anchors = set()
+    for line in _strip_code(path.read_text(encoding="utf-8"), spans=False).splitlines():
+        m = _HEADING.match(line)
+        if not m:
+            continue
+        slug = github_slug(m.group(2))
+        n = seen.get(slug, 0)
+        seen[slug] = n + 1
+        anchors.add(slug if n == 0 else f"{slug}-{n}")
+    return anchors
+
+
+def broken_links(path: pathlib.Path) -> list[str]:
+    """Relative links of ``path`` that point at no file, or at no heading of the file."""
+    problems = []
+    for lineno, line in enumerate(_strip_code(path.read_text(encoding="utf-8")).splitlines(), 1):
+        for m in _LINK.finditer(line):
+            target = m.group(2)
+            if re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*:", target):
+                continue   # https:, mailto: ...
+            file_part, _, anchor = target.partition("#")
+            dest = (path.parent / file_part).resolve() if file_part else path
+            where = f"{path.relative_to(ROOT)}:{lineno}: ({target})"
+            if not dest.exists():
+                problems.append(f"{where}: {file_part} does not exist")
+            elif anchor:
+                if dest.suffix != ".md" or dest.is_dir():
+                    problems.append(f"{where}: an anchor into a file that is not markdown")
+                elif anchor not in heading_anchors(dest):
+                    problems.append(f"{where}: {dest.name} has no heading with the anchor "
+                                    f"#{anchor}")
+    return problems
+
+
+def test_relative_links_point_at_files_and_headings():
+    pages = sorted({p for pattern in LINKED_PAGES for p in ROOT.glob(pattern)})
+    assert ROOT / "README.md" in pages and DOCS / "method.md" in pages and len(pages) >= 10
+    problems = [p for page in pages for p in broken_links(page)]
+    assert not problems, "\n".join(problems)
+    # the docs link the method's sections that other pages (and the code) cite
+    assert {"the-objective", "consistency-models", "fast-at", "pgd-at",
+            "at-for-consistency-models", "baselines", "hyper-parameters",
+            "what-is-inferred"} <= heading_anchors(DOCS / "method.md")
+
+
+def test_the_link_check_catches_broken_links(tmp_path):
+    assert github_slug("Fine-tuning from `.pt` files") == "fine-tuning-from-pt-files"
+    assert github_slug("The method and the paper's configs") == "the-method-and-the-papers-configs"
+    assert github_slug("Equal updates: fast AT vs `clean_kx`") == "equal-updates-fast-at-vs-clean_kx"
+    assert github_slug("Results (lr 1e-4, 3 training seeds)") == "results-lr-1e-4-3-training-seeds"
+    assert github_slug("AT for [consistency](x.md) models") == "at-for-consistency-models"
+    (tmp_path / "other.md").write_text("# Title\n\n## Part\n\n## Part\n```bash\n# not a heading\n```\n")
+    page = tmp_path / "page.md"
+    page.write_text("[ok](other.md#part-1) [ok](other.md) [ok](#here) [web](https://x.org/#y)\n"
+                    "## Here\n`[in code](nowhere.md)`\n```\n[in a block](nowhere.md)\n```\n"
+                    "[gone](missing.md) [no anchor](other.md#part-2) ![img](other.md#title)\n"
+                    "[code anchor](other.md#not-a-heading)\n")
+    assert heading_anchors(tmp_path / "other.md") == {"title", "part", "part-1"}
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(sys.modules[__name__], "ROOT", tmp_path)
+        problems = broken_links(page)
+    assert len(problems) == 3, problems
+    assert "missing.md does not exist" in problems[0]
+    assert "#part-2" in problems[1] and "#not-a-heading" in problems[2]
+
+
+# The generated configuration reference quotes configs/default.py's comments; the .py files are
+# being rid of these references separately (issue 18), and this test should then cover *.py too.
+SPEC_REFERENCE = re.compile(r"SPEC\s*§")
+SPEC_EXEMPT = ("docs/configuration.md",)
+
+
+def markdown_files() -> list[pathlib.Path]:
+    """Every .md file of the repository (outside hidden, run, data and virtualenv folders)."""
+    skip = {"runs", "data", "node_modules", "weights", "reports"}
+    return sorted(p for p in ROOT.rglob("*.md")
+                  if not any(part.startswith(".") or part in skip
+                             for part in p.relative_to(ROOT).parts[:-1]))
+
+
+def test_no_markdown_file_cites_spec_sections():
+    """The docs say what the method is (docs/method.md) instead of citing sections of the
+    project's internal specification, which readers do not have."""
+    files = markdown_files()
+    assert ROOT / "README.md" in files and DOCS / "RESULTS.md" in files
+    problems = [f"{p.relative_to(ROOT)}:{i}: {line.strip()}"
+                for p in files if str(p.relative_to(ROOT)) not in SPEC_EXEMPT
+                for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1)
+                if SPEC_REFERENCE.search(line)]
+    assert not problems, ("replace each by what it means and a link to docs/method.md:\n"
+                          + "\n".join(problems))
+    assert SPEC_REFERENCE.search("as in SPEC §3.1") and not SPEC_REFERENCE.search("the spec")
 
 
 # --------------------------------------------------------------------------------------------

@@ -563,10 +563,11 @@ def create_train_iterator(
 
 def load_examples(dataset: str, *, data_dir: str | os.PathLike | None = None,
                   split: str = "test", num_examples: int | None = None, start: int = 0,
-                  image_size: int | None = None, with_labels: bool = False,
-                  image_key: str = "image", label_key: str = "label", chunk_size: int = 1024
-                  ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
-    """Examples ``[start, start + num_examples)`` of a split, in file order, as one array.
+                  indices: Sequence[int] | None = None, image_size: int | None = None,
+                  with_labels: bool = False, image_key: str = "image", label_key: str = "label",
+                  chunk_size: int = 1024) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """Examples ``[start, start + num_examples)`` of a split, in file order, as one array; or,
+    with ``indices``, the examples at those positions in that order (only they are decoded).
 
     Returns:
       uint8 images [N, S, S, C] in [0, 255] (use :func:`to_model_range` for [-1, 1]); with
@@ -577,13 +578,21 @@ def load_examples(dataset: str, *, data_dir: str | os.PathLike | None = None,
         dataset=dataset, data_dir=None if data_dir is None else os.fspath(data_dir), split=split,
         image_key=image_key, label_key=label_key, image_size=image_size))
     n_total = len(reader)
-    stop = n_total if num_examples is None else start + int(num_examples)
-    if not 0 <= start <= stop <= n_total:
-        raise DataError(f"cannot read examples [{start}, {stop}) of split {split!r} of "
-                        f"{dataset!r}, which has {n_total}")
+    if indices is None:
+        stop = n_total if num_examples is None else start + int(num_examples)
+        if not 0 <= start <= stop <= n_total:
+            raise DataError(f"cannot read examples [{start}, {stop}) of split {split!r} of "
+                            f"{dataset!r}, which has {n_total}")
+        positions = np.arange(start, stop)
+    else:
+        if num_examples is not None or start:
+            raise ValueError("pass either indices or start / num_examples, not both")
+        positions = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if positions.size and not (0 <= positions.min() and positions.max() < n_total):
+            raise DataError(f"indices outside [0, {n_total}) of split {split!r} of {dataset!r}")
     images, labels = [], []
-    for lo in range(start, stop, chunk_size):
-        img, lbl = reader.read(range(lo, min(stop, lo + chunk_size)), with_labels=with_labels)
+    for lo in range(0, positions.size, chunk_size):
+        img, lbl = reader.read(positions[lo:lo + chunk_size], with_labels=with_labels)
         images.append(img)
         labels.append(lbl)
     if images:

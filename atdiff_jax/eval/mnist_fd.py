@@ -338,8 +338,8 @@ def reference_images(data_dir: str | os.PathLike, split: str, num: int, *, start
     if seed is None:
         return load_examples(DATASET, data_dir=data_dir, split=split, num_examples=num,
                              start=start)
-    idx = split_indices(size, seed)[start:start + num]
-    return load_examples(DATASET, data_dir=data_dir, split=split)[idx]
+    return load_examples(DATASET, data_dir=data_dir, split=split,
+                         indices=split_indices(size, seed)[start:start + num])
 
 
 def reference_stats(data_dir: str | os.PathLike, split: str = "train", num: int | None = 10000,

@@ -189,7 +189,9 @@ def standalone_train_step(config, seed: int = 0):
     from atdiff_jax.train.build import build_experiment, build_optimizer, lr_schedule
     from atdiff_jax.train.state import create_state, init_params
     exp, opt = build_experiment(config), build_optimizer(config)
-    state = create_state(exp, opt, init_params(exp, jax.random.key(seed)))
+    # one compiled init (eagerly, every op of the UNet's init would compile on its own)
+    state = jax.jit(lambda key: create_state(exp, opt, init_params(exp, key)))(
+        jax.random.key(seed))
     step = jax.jit(make_train_step(exp, opt, seed=seed, lr_fn=lr_schedule(config)),
                    donate_argnums=0)
     return step, state, random_train_batch(config, config.train.global_batch_size, seed)
