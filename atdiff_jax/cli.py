@@ -51,7 +51,7 @@ from ml_collections import config_flags  # noqa: E402
 from ml_collections.config_flags import config_path  # noqa: E402
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser  # noqa: E402
 
-from atdiff_jax.eval import samples as samples_lib  # noqa: E402
+from atdiff_jax import samplers as samples_lib  # noqa: E402
 
 COMMANDS = ("train", "sample", "eval", "experiment", "convert", "data")
 
@@ -72,7 +72,7 @@ flags.DEFINE_string("workdir", None, "Run directory: checkpoints, metrics, sampl
 flags.DEFINE_integer("restore_step", None, "train/sample/eval: checkpoint step to start from or "
                      "to evaluate (default: the newest).")
 flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() first (multi-host).")
-flags.DEFINE_enum("sampler", "ddim", list(samples_lib.SAMPLERS) + list(samples_lib.CM_SAMPLERS),
+flags.DEFINE_enum("sampler", "ddim", list(samples_lib.SAMPLE_SAMPLERS),
                   "sample: sampler (DPM runs: ddim, iddpm, dpm_solver; consistency-model runs: "
                   "cm_onestep (default there), cm_multistep).")
 flags.DEFINE_integer("steps", 50, "sample: number of network evaluations (NFE); cm_onestep: 1.")
@@ -285,10 +285,10 @@ def distributed_init_kwargs(environ=os.environ) -> dict:
 
 
 def _train() -> None:
-    from atdiff_jax.train.loop import train_and_evaluate
+    from atdiff_jax.train.loop import train
     if FLAGS.config is None or FLAGS.workdir is None:
         raise UsageError("atdiff train needs --config=configs/X.py and --workdir=DIR")
-    train_and_evaluate(FLAGS.config, FLAGS.workdir, restore_step=FLAGS.restore_step)
+    train(FLAGS.config, FLAGS.workdir, restore_step=FLAGS.restore_step)
 
 
 def _sample() -> None:
@@ -319,7 +319,7 @@ def _sample() -> None:
                                  f"(diffusion.steps / cm.lcm.skip); use --steps <= {n}")
     elif sampler in samples_lib.CM_SAMPLERS:
         raise UsageError(f"{FLAGS.workdir} is a diffusion (DPM) run: --sampler={sampler} needs a "
-                         f"consistency-model run; use one of {samples_lib.SAMPLERS}")
+                         f"consistency-model run; use one of {samples_lib.DPM_SAMPLERS}")
     images, labels = samples_lib.generate(
         module, params, experiment.diffusion, num=FLAGS.num, image_shape=experiment.image_shape,
         rng=jax.random.key(FLAGS.seed), sampler=sampler, steps=steps,
@@ -366,10 +366,10 @@ def _eval() -> None:
 
 
 def _experiment() -> None:
-    from atdiff_jax.eval.study import run_experiment, validate_spec
+    from atdiff_jax.experiment import run_experiment, validate_spec
     if FLAGS.spec is None or FLAGS.root is None:
         raise UsageError("atdiff experiment needs --spec=configs/experiments/X.py and --root=DIR")
-    from atdiff_jax.eval.study import StudyInterrupted
+    from atdiff_jax.experiment import StudyInterrupted
     validate_spec(FLAGS.spec)
     try:
         report = run_experiment(FLAGS.spec, FLAGS.root, until=FLAGS.until)
@@ -427,9 +427,9 @@ def main(argv: list[str]) -> None:
     from atdiff_jax.data.pipeline import DataError, DatasetNotFoundError
     from atdiff_jax.eval.mnist_fd import ClassifierWeightsError
     from atdiff_jax.eval.report import EvalError
-    from atdiff_jax.eval.study import StudyError
+    from atdiff_jax.experiment import StudyError
+    from atdiff_jax.train.build import ConfigError
     from atdiff_jax.train.checkpoint import CheckpointError
-    from atdiff_jax.train.experiment import ConfigError
     try:
         if command == "data":
             _data(rest)

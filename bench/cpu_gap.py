@@ -67,7 +67,7 @@ from common import (
 from jax import lax
 
 from atdiff_jax.models import unet as unet_lib
-from atdiff_jax.train.experiment import build_experiment, build_model
+from atdiff_jax.train.build import build_experiment, build_model
 from atdiff_jax.train.state import init_params
 from atdiff_jax.train.step import standalone_train_step
 

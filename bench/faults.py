@@ -310,7 +310,7 @@ class Checkpoints:
         import jax
 
         from atdiff_jax.train import checkpoint as ckpt
-        from atdiff_jax.train.experiment import build_experiment, build_optimizer
+        from atdiff_jax.train.build import build_experiment, build_optimizer
         from atdiff_jax.train.loop import _abstract_state
         self.jax, self.ckpt = jax, ckpt
         manager = ckpt.create_manager(ref_workdir, read_only=True)

@@ -4,14 +4,14 @@ at a few NFEs, for a config's network.
 The network is randomly initialised (speed does not depend on the values), with its
 zero-initialised output layers given small random weights so that every sampler produces a
 non-trivial output (checked: finite and not constant). Each (sampler, NFE) is the jitted
-``atdiff_jax.eval.samples.sampler_fn`` (one ``lax.scan`` over the steps), compiled ahead of time
+``atdiff_jax.samplers.sampler_fn`` (one ``lax.scan`` over the steps), compiled ahead of time
 once; compile time is reported apart from the run time. In the same run the bare jitted network
 forward at the same batch is timed too, so ``loop overhead`` = (seconds per network evaluation
 inside the sampler) / (one standalone forward) shows what the sampler adds around the network
 (1.0 = nothing).
 
 With several devices (e.g. ``XLA_FLAGS=--xla_force_host_platform_device_count=2`` on a CPU) each
-(sampler, NFE) is also run with the batch split over them, as ``atdiff_jax.eval.samples.generate``
+(sampler, NFE) is also run with the batch split over them, as ``atdiff_jax.samplers.generate``
 does (``batch_shardings``), and ``x 1 device`` is its time over the one-device time of the same run;
 the outputs of the two must agree to 1e-2 (sampling is per example; XLA may tile the smaller
 per-device convolutions differently, and a random network amplifies that float32 rounding over
@@ -40,9 +40,9 @@ from common import (
     write_json,
 )
 
-from atdiff_jax.eval.report import DEFAULT_ES_SCALE, EVAL_SAMPLERS
-from atdiff_jax.eval.samples import batch_shardings, sampler_fn
-from atdiff_jax.train.experiment import build_experiment
+from atdiff_jax.eval.report import DEFAULT_ES_SCALE
+from atdiff_jax.samplers import EVAL_SAMPLERS, batch_shardings, sampler_fn
+from atdiff_jax.train.build import build_experiment
 from atdiff_jax.train.state import init_params
 
 

@@ -79,7 +79,7 @@ def worker(args) -> dict:
     from atdiff_jax.train.step import random_train_batch
 
     from atdiff_jax.train import sharding
-    from atdiff_jax.train.experiment import build_experiment, build_optimizer, lr_schedule
+    from atdiff_jax.train.build import build_experiment, build_optimizer, lr_schedule
     from atdiff_jax.train.state import create_state, init_params
     from atdiff_jax.train.step import make_train_step
 

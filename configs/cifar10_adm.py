@@ -1,4 +1,5 @@
-"""ADM on CIFAR-10 exactly as SPEC §3.1 (IDDPM architecture), clean training (the baseline).
+"""ADM on CIFAR-10 exactly as the authors' script (IDDPM architecture; docs/method.md,
+"Hyper-parameters"), clean training (the baseline).
 
 Data: TFDS `cifar10` prepared as array_record in --config.data.data_dir (see README, "Datasets").
 """

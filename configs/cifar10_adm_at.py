@@ -1,5 +1,6 @@
-"""ADM-AT on CIFAR-10 exactly as SPEC §3.1: fast AT (K=3, step 0.1, radius 0.1*sqrt(D),
-delta_detach) fine-tuning a clean ADM checkpoint for 200k minibatches (= 600k AdamW updates).
+"""ADM-AT on CIFAR-10 exactly as the authors' script (docs/method.md, "Hyper-parameters"): fast AT
+(K=3, step 0.1, radius 0.1*sqrt(D), delta_detach) fine-tuning a clean ADM checkpoint for 200k
+minibatches (= 600k AdamW updates).
 
 Fine-tune from the authors' clean checkpoint (guided-diffusion .pt, optimizer state fresh, EMA
 restored), e.g.

@@ -1,5 +1,5 @@
-"""The DDPM-IP baseline on CIFAR-10 (SPEC §2.4): input perturbation gamma = 0.1, target = eps,
-fine-tuning the same clean checkpoint for the same number of minibatches as ADM-AT."""
+"""The DDPM-IP baseline on CIFAR-10 (docs/method.md, "Baselines"): input perturbation gamma = 0.1,
+target = eps, fine-tuning the same clean checkpoint for the same number of minibatches as ADM-AT."""
 import pathlib
 import runpy
 

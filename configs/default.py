@@ -3,7 +3,7 @@
 Experiment configs import this module, call `get_config()` and override fields. Any field can also
 be overridden on the command line: `atdiff train --config=configs/mnist_adm_at.py
 --config.adv.steps=5 --config.train.global_batch_size=64`. Invalid values are rejected at start-up
-with the option's name and the allowed values (atdiff_jax/train/experiment.py: validate_config).
+with the option's name and the allowed values (atdiff_jax/train/build.py: validate_config).
 """
 import ml_collections
 
@@ -56,7 +56,7 @@ def get_config() -> ml_collections.ConfigDict:
     g.schedule_sampler = "uniform"   # "uniform" | "loss-second-moment"
     g.input_perturb = 0.0            # DDPM-IP gamma (baseline); 0 = off
 
-    # ---------------------------------------------------------------- adversarial training (SPEC §2)
+    # -------------------------------------- adversarial training (docs/method.md: Fast AT, PGD AT)
     c.adv = a = ml_collections.ConfigDict()
     a.kind = "fast"                  # "fast" (paper) | "pgd" | "random" (control) | "none" (clean)
     a.steps = 3                      # K: inner steps = optimizer updates per minibatch (fast)
@@ -111,7 +111,7 @@ def get_config() -> ml_collections.ConfigDict:
     i.step = -1                      # which checkpoint of init.workdir (-1 = the newest)
     i.ema_rate = 0.0                 # which EMA copy of init.workdir (0 = its first ema_rates)
 
-    # ------------------------------------------------------- consistency models (SPEC §1.6, §2.3)
+    # ------------------------------ consistency models (docs/method.md: AT for consistency models)
     # cm.kind = "none" trains the DPM above. Otherwise the run trains a consistency model (the
     # student) with the same data, adversary (adv.*: K inner updates with δ on the student's input;
     # adv.target_type is a DPM option, see teacher_from_perturbed), optimizer and loop; its EMA
@@ -131,7 +131,7 @@ def get_config() -> ml_collections.ConfigDict:
                                      # delta_detach (target ε + δ/sqrt(1 - abar) moves with δ): a
                                      # perturbed input is mapped along the trajectory through it,
                                      # not onto the clean point's. False: the step starts from the
-                                     # clean x_t (the target ignores δ). SPEC §1.6 leaves it open.
+                                     # clean x_t (the target ignores δ). The paper leaves it open.
     # The target network θ⁻ = EMA of the student (stop-gradient), updated after EVERY optimizer
     # update, i.e. after each of the K inner updates of fast AT (each is a full update, as in the
     # DPM recipe). Its rate and the number of discretisation points N follow openai CM's

@@ -1,4 +1,5 @@
-"""ADM-AT on class-conditional ImageNet 64x64 (SPEC §3.2; settings partly inferred [I]).
+"""ADM-AT on class-conditional ImageNet 64x64 (settings partly inferred; docs/method.md,
+"Hyper-parameters" and "What is inferred").
 
 The standard ADM ImageNet-64 architecture (192 channels, 3 res blocks, 64 channels per head,
 attention at 32/16/8, dropout 0.1, learned sigma, cosine), fine-tuned with fast AT from the public

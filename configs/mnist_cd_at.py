@@ -1,4 +1,5 @@
-"""Consistency distillation (CD) with fast AT on MNIST from an ADM teacher (SPEC §2.3).
+"""Consistency distillation (CD) with fast AT on MNIST from an ADM teacher (AT for CMs as
+inferred by this project: docs/method.md, "AT for consistency models").
 
 The teacher is a DPM run of the same network, e.g. the embedded default:
   atdiff train --config=configs/mnist_adm.py --workdir=runs/mnist_adm        (or mnist_adm_at.py)

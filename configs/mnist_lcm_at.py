@@ -1,4 +1,5 @@
-"""LCM-style consistency distillation with fast AT on MNIST from an ADM teacher (SPEC §2.3).
+"""LCM-style consistency distillation with fast AT on MNIST from an ADM teacher (AT for CMs as
+inferred by this project: docs/method.md, "AT for consistency models").
 
 The VP version of configs/mnist_cd_at.py: the student keeps the teacher's VP parameterisation with
 LCM's boundary scalings (sigma_data 0.5, timestep scaling 10), the teacher takes DDIM steps of

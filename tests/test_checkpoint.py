@@ -167,7 +167,7 @@ class PermissionDeniedError(Exception):
 def test_gs_workdir_without_credentials_is_one_clear_error(tmp_path, monkeypatch):
     from etils.epath import gpath
 
-    from atdiff_jax.train.loop import train_and_evaluate
+    from atdiff_jax.train.loop import train
 
     def no_credentials(original, path, *args, **kwargs):
         if os.fspath(path).startswith("gs://"):
@@ -197,12 +197,12 @@ def test_gs_workdir_without_credentials_is_one_clear_error(tmp_path, monkeypatch
                                 )["get_config"]()
         config.data.data_dir = str(tmp_path / "no_data")
         with pytest.raises(ckpt.CheckpointError, match="^cannot access gs://my-bucket/runs/x "):
-            train_and_evaluate(config, "gs://my-bucket/runs/x")
+            train(config, "gs://my-bucket/runs/x")
 
 
 def test_sampling_with_an_ema_rate_the_run_lacks_is_a_config_error(tmp_path):
     """``atdiff sample --ema_rate=R`` (and ``atdiff eval``) for a rate the run does not keep."""
-    from atdiff_jax.train.experiment import ConfigError
+    from atdiff_jax.train.build import ConfigError
     from atdiff_jax.train.loop import restore_for_sampling
     workdir = micro_run(tmp_path / "run")
     with pytest.raises(ConfigError, match=r"^ema_rate 0.5 is not in this run; it has \[0.9999\]$"):
@@ -219,7 +219,7 @@ def micro_run(workdir: pathlib.Path, step: int = 2) -> pathlib.Path:
     (the real tree, shapes and dtypes; zeros, so that nothing is compiled)."""
     import runpy
 
-    from atdiff_jax.train.experiment import build_experiment, build_optimizer
+    from atdiff_jax.train.build import build_experiment, build_optimizer
     from atdiff_jax.train.state import create_state, init_params
     config = runpy.run_path(str(pathlib.Path(__file__).parent.parent / "configs" / "tiny.py")
                             )["get_config"]()

@@ -37,10 +37,11 @@ from atdiff_jax.consistency import (
     vp_denoiser,
 )
 from atdiff_jax.diffusion.gaussian import create_gaussian_diffusion
-from atdiff_jax.train import cm_step as cm_step_lib
+from atdiff_jax.train import objectives as objectives_lib
+from atdiff_jax.train import step as step_lib
 from atdiff_jax.train.ema import ema_update
-from atdiff_jax.train.experiment import (ConfigError, build_experiment, build_model,
-                                         build_optimizer, lr_schedule, validate_config)
+from atdiff_jax.train.build import (ConfigError, build_experiment, build_model,
+                                    build_optimizer, lr_schedule, validate_config)
 from atdiff_jax.train.state import CMTrainState, create_state, ema_key, init_params
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -251,7 +252,7 @@ def test_lcm_latent_mode_and_sampler():
 def test_unet_guidance_embedding():
     """guidance_proj starts at zero (the student is exactly the network it copies), then w
     changes the output; w is required iff the model has the embedding."""
-    from atdiff_jax.convert.guided_diffusion import create_model
+    from atdiff_jax.models.adm import create_model
     base = create_model(image_size=8, num_channels=32, num_res_blocks=1, channel_mult="1",
                         attention_resolutions="", in_channels=1, use_scale_shift_norm=True)
     guided = base.clone(guidance_embed_dim=16)
@@ -304,9 +305,9 @@ def _cm_setup(config, teacher_seed=1):
     teacher_params = _random_params(teacher_exp, teacher_seed)
     params = _random_params(exp, teacher_seed + 1)
     state = create_state(exp, opt, params)
-    step = cm_step_lib.make_cm_train_step(exp, opt, seed=config.seed, lr_fn=lr_schedule(config),
-                                          teacher_model=teacher_exp.model,
-                                          teacher_diffusion=teacher_exp.diffusion)
+    step = step_lib.make_train_step(exp, opt, seed=config.seed, lr_fn=lr_schedule(config),
+                                    teacher_model=teacher_exp.model,
+                                    teacher_diffusion=teacher_exp.diffusion)
     return exp, opt, state, jax.jit(step), teacher_exp, teacher_params
 
 
@@ -320,15 +321,15 @@ def test_at_with_one_inner_step_is_plain_cd_bit_for_bit(adv):
     exp, opt, state, step, teacher_exp, teacher_params = _cm_setup(config)
     assert isinstance(state, CMTrainState)
     batch = _image_batch(config)
-    sched = cm_step_lib.cm_schedule(exp, 0)
+    sched = objectives_lib.cm_schedule(exp, 0)
     assert (float(sched["target_ema"]), int(sched["num_scales"])) == (np.float32(0.9), 10)
     new, metrics = step(state, batch, teacher_params, sched)
 
     @jax.jit
     def plain_cd(state, batch, teacher_params, sched):
         step_key = jax.random.fold_in(jax.random.key(config.seed), state.step)
-        mb = cm_step_lib.cm_loss_batch(exp, batch, step_key=step_key,
-                                       num_scales=sched["num_scales"])
+        mb = objectives_lib.cm_loss_batch(exp, batch, step_key=step_key,
+                                          num_scales=sched["num_scales"])
         teacher = vp_denoiser(lambda x, t: teacher_exp.model.apply(
             {"params": teacher_params}, x, t, train=False), teacher_exp.diffusion)
 
@@ -382,11 +383,11 @@ def test_guided_lcm_step_trains_the_guidance_embedding():
     params["guidance_proj"]["kernel"] = jnp.zeros_like(params["guidance_proj"]["kernel"])
     teacher_params = {k: v for k, v in _random_params(exp, 4).items() if k != "guidance_proj"}
     state = create_state(exp, opt, params)
-    step = jax.jit(cm_step_lib.make_cm_train_step(
+    step = jax.jit(step_lib.make_train_step(
         exp, opt, seed=0, lr_fn=lr_schedule(config), teacher_model=teacher_model))
     batch = _image_batch(config, labels=[0, 1, 1, 0])
-    sched = cm_step_lib.cm_schedule(exp, 0)
-    mb = cm_step_lib.cm_loss_batch(exp, batch, step_key=jax.random.key(0), num_scales=10)
+    sched = objectives_lib.cm_schedule(exp, 0)
+    mb = objectives_lib.cm_loss_batch(exp, batch, step_key=jax.random.key(0), num_scales=10)
     assert np.all((mb["w"] >= 0.5) & (mb["w"] <= 3.0)) and np.all(mb["indices"] < 10)
     new, metrics = step(state, batch, teacher_params, sched)
     assert int(new.updates) == 1 and int(new.skipped) == 0
@@ -414,11 +415,11 @@ def atdiff(*args, timeout=600, cache_dir=None):
 
 @pytest.fixture(scope="module")
 def teacher_run(tmp_path_factory, mnist_data_dir):
-    from atdiff_jax.train.loop import train_and_evaluate
+    from atdiff_jax.train.loop import train
     workdir = tmp_path_factory.mktemp("cm_e2e") / "teacher"
     config = config_of(TINY, **{"data.data_dir": str(mnist_data_dir), "adv.kind": "none",
                                 "adv.steps": 1, "train.num_minibatches": 2})
-    train_and_evaluate(config, str(workdir))
+    train(config, str(workdir))
     return workdir
 
 
@@ -473,7 +474,7 @@ def test_distil_with_at_and_resume_bit_for_bit(cm_run, teacher_run, mnist_data_d
 
 
 def test_sample_one_and_two_steps(cm_run, tmp_path, compilation_cache):
-    from atdiff_jax.eval import samples as samples_lib
+    from atdiff_jax import samplers as samples_lib
     from atdiff_jax.train.loop import restore_for_sampling
     workdir = cm_run
     model, params, experiment, _ = restore_for_sampling(str(workdir))
@@ -582,7 +583,7 @@ def test_old_dpm_configs_without_cm_sections_still_load():
 
 def test_label_dropout_for_classifier_free_guidance_teachers():
     """train.label_dropout replaces labels by the null class (num_classes - 1) at that rate."""
-    from atdiff_jax.train.step import drop_labels
+    from atdiff_jax.train.objectives import drop_labels
     keys = jax.vmap(lambda i: jax.random.fold_in(jax.random.key(0), i))(jnp.arange(4000))
     labels = jnp.arange(4000, dtype=jnp.int32) % 10
     out = np.asarray(drop_labels(keys, labels, rate=0.2, null_label=10))

@@ -50,8 +50,6 @@ from atdiff_jax.adversarial import AdversaryConfig, run_adversary
 from atdiff_jax.consistency import (
     KarrasDenoiser,
     boundary_scalings,
-    cm_create_model_kwargs,
-    cm_to_guided_state_dict,
     consistency_distillation_loss,
     consistency_loss,
     consistency_sigma_pair,
@@ -69,12 +67,13 @@ from atdiff_jax.consistency import (
 )
 from atdiff_jax.consistency.karras import torch_linspace01, vp_sigmas
 from atdiff_jax.consistency.losses import torch_bilinear_resize
+from atdiff_jax.convert.consistency_models import cm_create_model_kwargs, cm_to_guided_state_dict
 from atdiff_jax.convert.guided_diffusion import (
-    create_model,
     params_from_state_dict,
     state_dict_from_params,
 )
 from atdiff_jax.diffusion.gaussian import create_gaussian_diffusion
+from atdiff_jax.models.adm import create_model
 
 CM_REF = pathlib.Path(__file__).parent / "testdata" / "cm_reference"
 

@@ -11,10 +11,10 @@ import pytest
 
 from atdiff_jax.convert import guided_diffusion as gd
 from atdiff_jax.convert.guided_diffusion import (
-    CheckpointIntegrityError, StateDictMismatchError, create_model, load_torch_state_dict,
-    model_kwargs_from_args, param_shapes, params_from_state_dict, state_dict_from_params,
-    unet_from_checkpoint, unet_from_state_dict)
-from atdiff_jax.models import UNetModel
+    CheckpointIntegrityError, StateDictMismatchError, load_torch_state_dict, param_shapes,
+    params_from_state_dict, state_dict_from_params, unet_from_checkpoint, unet_from_state_dict)
+from atdiff_jax.models import UNetModel, adm
+from atdiff_jax.models.adm import create_model, model_kwargs_from_args
 from conftest import (assert_matches_unet_option, load_unet_option, ref_create_model_kwargs,
                       ref_manifest, ref_state_dict)
 
@@ -198,7 +198,7 @@ def test_class_count_follows_the_authors_rule():
     # AT_Diff's script_util.create_model: CIFAR10_NUM_CLASSES (10) if image_size == 32 else 1000
     small = {"num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,1",
              "attention_resolutions": "", "class_cond": True}
-    assert (gd.default_num_classes(32), gd.default_num_classes(64)) == (10, 1000)
+    assert (adm.default_num_classes(32), adm.default_num_classes(64)) == (10, 1000)
     assert create_model(image_size=32, **small).num_classes == 10
     for size in (16, 28, 64, 128):
         assert create_model(image_size=size, **small).num_classes == 1000
@@ -211,7 +211,7 @@ def test_class_count_follows_the_authors_rule():
 
 def test_consistency_models_kwargs_keep_1000_classes():
     # openai/consistency_models' cm/script_util.py always uses NUM_CLASSES = 1000
-    from atdiff_jax.consistency import cm_create_model_kwargs
+    from atdiff_jax.convert.consistency_models import cm_create_model_kwargs
     args = {"image_size": 32, "num_channels": 32, "num_res_blocks": 1, "channel_mult": "1,1",
             "attention_resolutions": "", "class_cond": True}
     assert create_model(**cm_create_model_kwargs(args)).num_classes == 1000

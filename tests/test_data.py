@@ -509,8 +509,8 @@ def test_images_of_another_dtype_are_one_data_error(tmp_path):
     """16-bit images are refused when the data are opened (from the dataset's features; reading
     one would fail inside TFDS) and when an example is read; the trainer names config.data."""
     from atdiff_jax.data.pipeline import DataError, _SourceSpec, _SplitReader
-    from atdiff_jax.train.experiment import ConfigError
-    from atdiff_jax.train.loop import train_and_evaluate
+    from atdiff_jax.train.build import ConfigError
+    from atdiff_jax.train.loop import train
     name = make_uint16_dataset(tmp_path)
     message = f"images of {name!r} are uint16; only uint8 images in [0, 255] are supported"
     assert get_dataset_meta(name, data_dir=tmp_path).image_dtype == "uint16"
@@ -536,6 +536,6 @@ def test_images_of_another_dtype_are_one_data_error(tmp_path):
     config.data.dataset, config.data.data_dir = name, str(tmp_path)
     config.train.global_batch_size = 4
     with pytest.raises(ConfigError) as e:
-        train_and_evaluate(config, tmp_path / "run")
+        train(config, tmp_path / "run")
     assert str(e.value) == f"config.data: {message}"
     assert not (tmp_path / "run").exists()

@@ -487,7 +487,7 @@ def load_train_config(argv: list[str], root: pathlib.Path = ROOT):
 
 def validate_train_command(argv: list[str]) -> str | None:
     """None when the train command's config builds, else the error."""
-    from atdiff_jax.train.experiment import build_experiment, build_optimizer
+    from atdiff_jax.train.build import build_experiment, build_optimizer
     try:
         config = load_train_config(argv)
         build_experiment(config)   # validate_config first, then the model, diffusion, adversary
@@ -655,27 +655,27 @@ def _message_producers(tmp_path: pathlib.Path, data_dir: pathlib.Path) -> dict:
             str(tmp_path): "/home/me"}
 
     def bad_choice():
-        from atdiff_jax.train.experiment import validate_config
+        from atdiff_jax.train.build import validate_config
         c = default_config()
         c.adv.kind = "freelb"
         return error_of(validate_config, c), {}
 
     def microbatches_do_not_divide():
-        from atdiff_jax.train.experiment import validate_config
+        from atdiff_jax.train.build import validate_config
         c = default_config()
         c.train.microbatches = 3
         return error_of(validate_config, c), {}
 
     def fsdp_does_not_divide():
-        from atdiff_jax.train.loop import train_and_evaluate
+        from atdiff_jax.train.loop import train
         c = tiny_config()
         c.mesh.fsdp = 3
-        return (error_of(train_and_evaluate, c, str(tmp_path / "run")),
+        return (error_of(train, c, str(tmp_path / "run")),
                 {f"({jax.device_count()})": "(1)"})
 
-    def data_pipeline_changed():  # what train_and_evaluate raises when set_state fails
+    def data_pipeline_changed():  # what train raises when set_state fails
         from atdiff_jax.data.pipeline import DataStateMismatchError, create_train_iterator
-        from atdiff_jax.train.experiment import resume_data_error
+        from atdiff_jax.train.build import resume_data_error
         kw = {"dataset": "mnist32", "data_dir": data_dir, "seed": 0, "process_index": 0,
               "process_count": 1}
         state = create_train_iterator(global_batch_size=8, **kw).get_state()
@@ -834,7 +834,7 @@ def _bad_input_producers(root: pathlib.Path | None, data_dir: pathlib.Path | Non
 
     A row whose bad input is ``--config.x=v ...`` (no producer of its own) is produced like the
     CLI does: ml_collections parses the overrides on configs/tiny.py (an unknown field and a wrong
-    type end there), then ``train_and_evaluate`` (which checks before compiling or writing).
+    type end there), then ``train`` (which checks before compiling or writing).
     ``shared``: ``{"root": a directory kept for the module}``, where a checkpoint of a real train
     state is written once.
     """
@@ -855,9 +855,9 @@ def _bad_input_producers(root: pathlib.Path | None, data_dir: pathlib.Path | Non
         from ml_collections import config_flags
 
         from atdiff_jax.cli import unknown_override
-        from atdiff_jax.train.loop import train_and_evaluate
+        from atdiff_jax.train.loop import train
         argv = ["atdiff", "train", f"--config={config}", f"--config.data.data_dir={data_dir}",
-                *overrides]   # (--workdir is passed to train_and_evaluate below)
+                *overrides]   # (--workdir is passed to train below)
         message = unknown_override(argv)
         if message:
             return message, {f"{ROOT}{os.sep}": ""}
@@ -871,7 +871,7 @@ def _bad_input_producers(root: pathlib.Path | None, data_dir: pathlib.Path | Non
         cwd = os.getcwd()
         os.chdir(root)
         try:
-            return error_of(train_and_evaluate, fv.config, workdir), home
+            return error_of(train, fv.config, workdir), home
         finally:
             os.chdir(cwd)
 

@@ -53,7 +53,7 @@ def test_robustness_section(results):
 def test_two_devices_split_the_batch_and_give_the_same_numbers(results, tiny_run, mnist_data_dir,
                                                                tmp_path):
     """The same evaluation with 2 simulated devices: samplers and the robustness attack split
-    each batch over both (samples.batch_shardings), which is per-example work, so the samples and
+    each batch over both (samplers.batch_shardings), which is per-example work, so the samples and
     every score match the 1-device run."""
     import os
     import subprocess
@@ -61,9 +61,10 @@ def test_two_devices_split_the_batch_and_give_the_same_numbers(results, tiny_run
     from test_cli import ROOT
     script = f"""
 import jax
-from atdiff_jax.eval import report, samples
+from atdiff_jax import samplers
+from atdiff_jax.eval import report
 assert jax.local_device_count() == 2
-assert samples.batch_shardings(6) is not None and samples.batch_shardings(5) is None
+assert samplers.batch_shardings(6) is not None and samplers.batch_shardings(5) is None
 report.evaluate_workdir(
     {str(tiny_run)!r}, metrics=("fd_mnist", "robustness"), samplers=("ddim", "es"), nfes=(2, 3),
     num_samples=12, batch_size=6, data_dir={str(mnist_data_dir)!r}, robustness_t=(10, 60),

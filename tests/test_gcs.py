@@ -69,7 +69,7 @@ def test_paths_keep_urls_and_make_local_paths_absolute(tmp_path, monkeypatch):
     from atdiff_jax.eval import fid, mnist_fd
     from atdiff_jax.train import checkpoint as ckpt
     from atdiff_jax.train.loop import default_data_dir
-    from atdiff_jax.train.paths import workdir_path
+    from atdiff_jax.paths import workdir_path
 
     monkeypatch.chdir(tmp_path)
     assert isinstance(workdir_path("gs://b/runs/x"), epath.Path)
@@ -99,7 +99,7 @@ def test_train_restore_and_eval_on_a_gs_workdir(fake_gcs, mnist_data_dir, monkey
     monkeypatch.setattr(loop.metric_writers, "create_default_writer", fake_writer)
     config = runpy.run_path(TINY)["get_config"]()
     config.data.data_dir = str(mnist_data_dir)
-    state = loop.train_and_evaluate(config, "gs://bucket/runs/tiny")
+    state = loop.train(config, "gs://bucket/runs/tiny")
     assert int(state.step) == 4
     run = root / "bucket" / "runs" / "tiny"
     assert writer_dirs == ["gs://bucket/runs/tiny"]

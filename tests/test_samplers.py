@@ -149,8 +149,8 @@ def test_sampler_fn_is_compiled_once_per_network_chain_and_steps():
     import pathlib
     import runpy
 
-    from atdiff_jax.eval.samples import sampler_fn
-    from atdiff_jax.train.experiment import build_experiment
+    from atdiff_jax.samplers import sampler_fn
+    from atdiff_jax.train.build import build_experiment
     config = runpy.run_path(str(pathlib.Path(__file__).parents[1] / "configs" / "tiny.py")
                             )["get_config"]()
     a, b = build_experiment(config), build_experiment(config)

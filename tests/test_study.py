@@ -1,4 +1,4 @@
-"""`atdiff experiment` (atdiff_jax.eval.study): fine-tuning from a run, the smoke experiment end to
+"""`atdiff experiment` (atdiff_jax.experiment): fine-tuning from a run, the smoke experiment end to
 end, resuming it, and bad specs."""
 import json
 import pathlib
@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 
-from atdiff_jax.eval import study
-from atdiff_jax.train.experiment import ConfigError
+from atdiff_jax import experiment as study
+from atdiff_jax.train.build import ConfigError
 
 ROOT = pathlib.Path(__file__).parent.parent
 SMOKE = ROOT / "configs" / "experiments" / "smoke.py"
@@ -186,7 +186,7 @@ def test_a_run_written_with_another_config_is_not_reused(smoke):
 
 def test_init_workdir_errors(smoke, tmp_path):
     spec, root, _ = smoke
-    from atdiff_jax.train.experiment import validate_config
+    from atdiff_jax.train.build import validate_config
     from atdiff_jax.train.loop import load_init_run
     config = study.arm_config(spec, "clean", 0, root, spec.data_dir, 4)
     config.init.step = 3

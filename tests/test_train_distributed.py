@@ -278,7 +278,7 @@ def assert_states_close(got, want) -> dict[str, float]:
     assert jax.tree.structure(got) == jax.tree.structure(want)
     for name in ("step", "updates", "skipped"):
         assert int(getattr(got, name)) == int(getattr(want, name)), name
-    assert_bit_identical(got.sampler, want.sampler)
+    assert_bit_identical(got.timestep_sampler, want.timestep_sampler)
     for g, w in zip(_leaves(got.opt_state), _leaves(want.opt_state)):
         if not np.issubdtype(w.dtype, np.floating):  # Adam's update count
             assert np.array_equal(g, w)

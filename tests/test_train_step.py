@@ -11,8 +11,8 @@ import pytest
 
 from atdiff_jax.diffusion.objective import denoising_loss
 from atdiff_jax.train import step as step_lib
-from atdiff_jax.train.experiment import (ConfigError, build_experiment, build_optimizer,
-                                         lr_schedule, validate_config)
+from atdiff_jax.train.build import (ConfigError, build_experiment, build_optimizer,
+                                    lr_schedule, validate_config)
 from atdiff_jax.train.state import create_state, ema_key, init_params
 
 TINY = pathlib.Path(__file__).parent.parent / "configs" / "tiny.py"
@@ -203,9 +203,9 @@ def test_data_that_does_not_fit_the_model_is_one_config_error(tmp_path, mnist_da
                                                               overrides, message):
     """Checked when the data are opened, before anything is compiled or written (a wrong channel
     count would fail inside the jitted step, labels >= num_classes would be clamped silently)."""
-    from atdiff_jax.train.loop import train_and_evaluate
+    from atdiff_jax.train.loop import train
     config = tiny_config(**{"data.data_dir": str(mnist_data_dir), **overrides})
     with pytest.raises(ConfigError) as e:
-        train_and_evaluate(config, tmp_path / "run")
+        train(config, tmp_path / "run")
     assert str(e.value) == message
     assert not (tmp_path / "run").exists()

@@ -12,9 +12,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from atdiff_jax.convert.guided_diffusion import (create_model, params_from_state_dict,
-                                                 unet_from_state_dict)
+from atdiff_jax.convert.guided_diffusion import params_from_state_dict, unet_from_state_dict
 from atdiff_jax.models import UNetModel, timestep_embedding
+from atdiff_jax.models.adm import create_model
 from atdiff_jax.models.unet import AttentionBlock, ResBlock
 from conftest import (UNET_OPTION_ATOL, UNET_OPTIONS, assert_matches_unet_option, load_ref,
                       load_unet_option, nchw_to_nhwc, nhwc_to_nchw, ref_create_model_kwargs,

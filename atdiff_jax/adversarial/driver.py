@@ -10,10 +10,11 @@ The drivers are generic over the objective and over what an "update" is:
   step (EMA update, timestep-sampler update, step counters).
 * ``params_of(state) -> params``: the parameters the loss is evaluated at.
 
-``fast_at`` is the authors' "fast" recipe (SPEC §2.1): δ = 0 at the start of every minibatch, K
-inner steps each doing ONE forward/backward that yields the gradients for both the params and δ
-(``jax.value_and_grad(..., argnums=(0, 1))``), an update at every inner step, and a normalised,
-projected ascent step on δ between inner steps. The whole minibatch is one jittable function.
+``fast_at`` is the authors' "fast" (free) AT recipe, as their released code runs it (docs/method.md,
+"Fast AT"): δ = 0 at the start of every minibatch, K inner steps each doing ONE forward/backward
+that yields the gradients for both the params and δ (``jax.value_and_grad(..., argnums=(0, 1))``),
+an update at every inner step, and a normalised, projected ascent step on δ between inner steps. The
+whole minibatch is one jittable function.
 
 The K inner steps are a fully unrolled ``lax.scan``: on XLA:CPU, convolution gradients inside a
 while loop run ~15x slower than the same ops unrolled (measured: 3.0 s vs 0.19 s for six conv
@@ -35,8 +36,9 @@ UpdateFn = Callable[[Any, Any, Any], Any]
 GradFn = Callable[[Any, Any, jax.Array], tuple[tuple[jax.Array, Any], tuple[Any, Any]]]
 
 
-def _default_grad_fn(loss_fn: LossFn) -> GradFn:
-    """One forward/backward giving the gradients for the params and (when given) δ."""
+def value_and_grads(loss_fn: LossFn) -> GradFn:
+    """The default ``grad_fn`` of the drivers: one forward/backward giving the loss and the
+    gradients for the params and (when ``delta`` is given) δ."""
     both = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
     params_only = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -86,7 +88,7 @@ def fast_at(loss_fn: LossFn, state: Any, rng: jax.Array, *, adversary: Adversary
       the δ used at step k), ``delta_grad_norm`` [K, B] (l2 norm of ∂loss/∂δ at step k; zeros
       when it is not computed) and ``grad_norm`` [K] (global l2 norm of the parameter gradient).
     """
-    grad_fn = grad_fn or _default_grad_fn(loss_fn)
+    grad_fn = grad_fn or value_and_grads(loss_fn)
     if adversary.kind == "none" or adversary.steps == 1:
         # Clean training (delta=None, no δ-gradient): bit-identical to a plain training step.
         (loss, aux), (grads, _) = grad_fn(params_of(state), None, _inner_rng(rng, 0))
@@ -142,7 +144,7 @@ def pgd_at(loss_fn: LossFn, state: Any, rng: jax.Array, *, adversary: AdversaryC
     params = params_of(state)
     if grad_fn is None:
         delta_grad = jax.grad(lambda d, r: loss_fn(params, d, r)[0])
-        grad_fn = _default_grad_fn(loss_fn)
+        grad_fn = value_and_grads(loss_fn)
     else:
         delta_grad = lambda d, r: grad_fn(params, d, r)[1][1]  # noqa: E731
 

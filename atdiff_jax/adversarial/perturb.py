@@ -21,10 +21,11 @@ import math
 import jax
 import jax.numpy as jnp
 
+from atdiff_jax.diffusion.gaussian import TARGET_TYPES
+
 NORMS = ("l2", "linf")
 RADIUS_SCALINGS = ("sqrt_dim", "absolute")
 KINDS = ("none", "fast", "pgd", "random")
-TARGET_TYPES = ("delta_detach", "delta", "original")
 
 
 def per_example_l2(x: jax.Array) -> jax.Array:
@@ -42,8 +43,9 @@ def ascent_step(delta: jax.Array, grad: jax.Array, *, norm: str, step_size: floa
     """One normalised gradient-ascent step on ``delta`` [B, ...].
 
     l2: ``delta + step_size * g / max(||g||_2, eps)`` with ``g = grad * grad_scale`` per example
-    (``grad_scale = 2**-20`` reproduces the reference's fp32 path, see SPEC §2.1); a zero gradient
-    gives a zero step. linf: ``delta + step_size * sign(grad)``.
+    (``grad_scale = 2**-20`` reproduces the reference's fp32 path, which divides δ's gradient by the
+    unused fp16 loss scale; docs/method.md, "Fast AT"); a zero gradient gives a zero step. linf:
+    ``delta + step_size * sign(grad)``.
     """
     if norm == "l2":
         g = grad * grad_scale

@@ -9,15 +9,13 @@
 * ``lcm``: latent-consistency-style distillation from a VP epsilon teacher (DDIM skipping-step
   solver, LCM boundary scalings, classifier-free guidance, Huber loss, optional latent mode):
   ``lcm_loss(params, delta, rng, *, batch, ...)`` and ``lcm_sample``.
-* ``checkpoint``: openai/consistency_models UNet state dicts -> this project's UNet params.
+
+openai/consistency_models UNet state dicts are converted to this project's UNet params by
+``atdiff_jax.convert.consistency_models``.
 
 The Karras/EDM parts reproduce the official PyTorch code (``tests/testdata/cm_reference``); the
 LCM part follows diffusers' ``train_lcm_distill_sd_wds.py`` (tested by its exact properties).
 """
-from atdiff_jax.consistency.checkpoint import (
-    cm_create_model_kwargs,
-    cm_to_guided_state_dict,
-)
 from atdiff_jax.consistency.karras import (
     KarrasDenoiser,
     boundary_scalings,
@@ -59,8 +57,6 @@ __all__ = [
     "KarrasDenoiser",
     "LCMSettings",
     "boundary_scalings",
-    "cm_create_model_kwargs",
-    "cm_to_guided_state_dict",
     "consistency_distillation_loss",
     "consistency_loss",
     "consistency_sigma_pair",

@@ -15,11 +15,13 @@ batch (``indices``, ``noise``) so results are reproducible and independent of th
 The ODE step is Heun (the reference's CD) or Euler with the teacher denoiser ``D(x, sigma)``; with
 no teacher (CT) the denoiser is ``x_start`` itself (the one-sample estimate of the score).
 
-Adversarial training (SPEC §1.6, §2.3): ``delta`` [B, H, W, C] is added to the student's input
-``x_t``. ``teacher_from_perturbed`` chooses the ODE step's starting point: ``x_t + delta`` (the
-target moves with δ, the analogue of the DPM code's ``delta_detach``; default) or the clean
-``x_t`` (the target ignores δ). Either way the solver output is stop-gradiented, so ∂loss/∂δ flows
-only through the student's input. With ``delta=None`` (or zeros) both choices are the clean loss.
+Adversarial training, this project's reading of the paper's CM algorithm (docs/method.md,
+"Consistency models" and "AT for consistency models"): ``delta`` [B, H, W, C] is added to the
+student's input ``x_t``. ``teacher_from_perturbed`` chooses the ODE step's starting point: ``x_t +
+delta`` (the target moves with δ, the analogue of the DPM code's ``delta_detach``; default) or the
+clean ``x_t`` (the target ignores δ). Either way the solver output is stop-gradiented, so ∂loss/∂δ
+flows only through the student's input. With ``delta=None`` (or zeros) both choices are the clean
+loss.
 """
 from __future__ import annotations
 

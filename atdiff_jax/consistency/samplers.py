@@ -29,10 +29,12 @@ import numpy as np
 
 from atdiff_jax.consistency.karras import DenoiseFn, karras_sigmas
 
-SAMPLERS = ("onestep", "multistep", "heun")
+# karras_sample(sampler=...): the names of openai/consistency_models (the project's image
+# samplers are atdiff_jax.samplers)
+KARRAS_SAMPLERS = ("onestep", "multistep", "heun")
 
-__all__ = ["SAMPLERS", "karras_sample", "multistep_sigmas", "sample_heun", "sample_multistep",
-           "sample_onestep"]
+__all__ = ["KARRAS_SAMPLERS", "karras_sample", "multistep_sigmas", "sample_heun",
+           "sample_multistep", "sample_onestep"]
 
 
 def _clipped(denoise_fn: DenoiseFn, clip_denoised: bool | jax.Array) -> DenoiseFn:
@@ -229,8 +231,8 @@ def karras_sample(denoise_fn: DenoiseFn, noise: jax.Array, *, sampler: str, step
     ``clip_denoised`` clamps every denoiser output; the result is always clamped to [-1, 1]
     (``return_trajectory`` returns the unclamped trajectory alongside).
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if sampler not in KARRAS_SAMPLERS:
+        raise ValueError(f"sampler must be one of {KARRAS_SAMPLERS}, got {sampler!r}")
     x_T = noise * sigma_max
     traj = None
     if sampler == "onestep":

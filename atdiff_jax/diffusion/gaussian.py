@@ -32,6 +32,8 @@ ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 MEAN_TYPES = ("epsilon", "start_x", "previous_x")
 VAR_TYPES = ("learned", "learned_range", "fixed_small", "fixed_large")
 LOSS_TYPES = ("mse", "rescaled_mse", "kl", "rescaled_kl")
+# How the loss target follows an input perturbation delta (``training_losses``): the target moves
+# with delta, stop-gradiented (the released recipe) or not, or stays the clean one.
 TARGET_TYPES = ("delta_detach", "delta", "original")
 
 def _check_choice(name: str, value: Any, allowed: tuple) -> None:

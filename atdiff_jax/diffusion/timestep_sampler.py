@@ -15,7 +15,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-SAMPLERS = ("uniform", "loss-second-moment")
+# config.diffusion.schedule_sampler (image samplers are atdiff_jax.samplers)
+TIMESTEP_SAMPLERS = ("uniform", "loss-second-moment")
 
 
 @flax.struct.dataclass
@@ -42,8 +43,9 @@ class TimestepSampler:
     uniform_prob: float = 0.001
 
     def __post_init__(self):
-        if self.kind not in SAMPLERS:
-            raise ValueError(f"schedule_sampler must be one of {SAMPLERS}, got {self.kind!r}")
+        if self.kind not in TIMESTEP_SAMPLERS:
+            raise ValueError(f"schedule_sampler must be one of {TIMESTEP_SAMPLERS}, got "
+                             f"{self.kind!r}")
         if self.num_timesteps < 1 or self.history < 1 or not 0 <= self.uniform_prob <= 1:
             raise ValueError("TimestepSampler needs num_timesteps >= 1, history >= 1 and "
                              "0 <= uniform_prob <= 1")

@@ -285,7 +285,7 @@ def reference_statistics(params: Any, batches: Iterable[np.ndarray], *,
         raise ValueError(f"{dataset}/{split} has only {stats.count} images, fewer than "
                          f"num={num}; pass num={stats.count} (or num=None)")
     mu, sigma = stats.finalize()
-    from atdiff_jax.train.paths import write_atomic
+    from atdiff_jax.paths import write_atomic
     write_atomic(path, lambda f: np.savez(
         f, mu=mu, sigma=sigma, num=np.int64(stats.count), network=np.str_(INCEPTION_ID),
         dataset=np.str_(dataset), split=np.str_(split)))

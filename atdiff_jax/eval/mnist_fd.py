@@ -383,7 +383,7 @@ def reference_stats(data_dir: str | os.PathLike, split: str = "train", num: int 
             return f["mu"], f["sigma"]
     images = reference_images(data_dir, split, num, start=start, seed=seed)
     mu, sigma = feature_statistics(classifier_features(images, params, batch_size=batch_size))
-    from atdiff_jax.train.paths import write_atomic
+    from atdiff_jax.paths import write_atomic
     write_atomic(path, lambda f: np.savez(
         f, mu=mu, sigma=sigma, num=np.int64(num), start=np.int64(start),
         seed=np.int64(-1 if seed is None else seed), split=np.str_(split),

@@ -5,7 +5,7 @@ One protocol everywhere (the FID protocol of the docs):
 * **Params**: the EMA params of the chosen checkpoint (``--ema_rate``, default the run's first
   rate), restored on whatever devices exist.
 * **Samples**: ``num_samples`` images per (sampler, NFE); batch ``b`` starts from
-  ``fold_in(seed, b)`` (:func:`atdiff_jax.eval.samples.generate`), so every sampler and every
+  ``fold_in(seed, b)`` (:func:`atdiff_jax.samplers.generate`), so every sampler and every
   model in a comparison starts from the same x_T. Samples are rounded to uint8 exactly as saved
   images are (``to_uint8``) before any metric sees them.
 * **FID**: InceptionV3 pool3 features (TF 2015-12-05 network, converted once with ``atdiff
@@ -37,9 +37,11 @@ import jax
 import numpy as np
 from etils import epath
 
+from atdiff_jax.paths import workdir_path, write_atomic
+from atdiff_jax.samplers import EVAL_SAMPLERS
+
 METRICS = ("fd_mnist", "fid", "robustness")
-EVAL_SAMPLERS = ("ddim", "iddpm", "es", "dpm_solver")
-DEFAULT_ES_SCALE = 1.017  # Ning et al. 2024 on CIFAR-10 (SPEC §5)
+DEFAULT_ES_SCALE = 1.017  # ES's λ in the authors' CIFAR-10 script (docs/method.md, "Baselines")
 
 
 class EvalError(ValueError):
@@ -54,7 +56,7 @@ def _check_choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> 
 
 def _sample(model, params, experiment, *, sampler: str, nfe: int, num: int, seed: int,
             batch_size: int, es_scale: float) -> np.ndarray:
-    from atdiff_jax.eval.samples import generate
+    from atdiff_jax.samplers import generate
     cfg_model = experiment.model
     shape = (cfg_model.image_size, cfg_model.image_size, cfg_model.in_channels)
     images, _ = generate(model, params, experiment.diffusion, num=num, image_shape=shape,
@@ -105,7 +107,7 @@ def _robustness(model, params, experiment, config, data_dir: str, *, seed: int,
     from atdiff_jax.data.pipeline import load_examples, to_model_range
     from atdiff_jax.eval import robustness
     from atdiff_jax.eval.mnist_fd import classifier_precision, mnist_feature_distance
-    from atdiff_jax.eval.samples import batch_shardings, to_uint8
+    from atdiff_jax.samplers import batch_shardings, to_uint8
 
     def spread(x):   # over this process's devices: per-example work, the same numbers
         sh = batch_shardings(x.shape[0])
@@ -178,7 +180,6 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
     from atdiff_jax.eval.robustness import attack_timesteps
     from atdiff_jax.train.checkpoint import create_manager
     from atdiff_jax.train.loop import default_data_dir, restore_for_sampling
-    from atdiff_jax.train.paths import workdir_path, write_atomic
 
     _check_choices("metrics", metrics, METRICS)
     _check_choices("samplers", samplers, EVAL_SAMPLERS)
@@ -248,13 +249,49 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
             radii=robustness_radii, norm=robustness_norm, pgd_steps=robustness_pgd_steps,
             num_images=robustness_images, sample_sizes=robustness_sizes,
             num_samples=robustness_samples, mnist_ref=mnist_ref, batch_size=batch_size)
-    out = out_file or workdir_path(workdir) / "eval" / str(results["step"]) / "results.json"
-    write_atomic(out, lambda f: f.write(json.dumps(results, indent=1).encode()))
+    write_json(out_file or workdir_path(workdir) / "eval" / str(results["step"]) / "results.json",
+               results)
     return results
 
 
 # ----------------------------------------------------------------------------------------------
-# Report
+# Report (the table, plot and file helpers are shared with atdiff_jax.experiment.render)
+
+
+def nfe_table(first: str, second: str, rows: Sequence[tuple[str, str, Sequence[str]]],
+              nfes: Sequence[int]) -> list[str]:
+    """The lines of a markdown table laid out like the paper's: columns ``first``, ``second``
+    (e.g. sampler and model) and one per NFE; ``rows``: ``(first, second, one cell per NFE)``."""
+    lines = [f"| {first} | {second} | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+             "|---|---|" + "---|" * len(nfes)]
+    lines += [f"| {a} | {b} | " + " | ".join(cells) + " |" for a, b, cells in rows]
+    return lines
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def nfe_axis(ax, ylabel: str) -> None:
+    """A log-scale NFE x axis and ``ylabel``."""
+    ax.set_xscale("log")
+    ax.set_xlabel("NFE")
+    ax.set_ylabel(ylabel)
+
+
+def save_figure(fig, path, *, dpi: int) -> None:
+    """Writes ``fig`` as a PNG to ``path`` (local path or URL, atomically) and closes it."""
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=dpi))
+    pyplot().close(fig)
+
+
+def write_json(path, obj: Any) -> None:
+    """Writes ``obj`` as indented JSON to ``path`` (local path or URL, atomically)."""
+    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def _table(results: Sequence[dict], metric: str) -> str:
@@ -263,16 +300,14 @@ def _table(results: Sequence[dict], metric: str) -> str:
         return ""
     samplers = [s for s in EVAL_SAMPLERS
                 if any(r["sampler"] == s for res in results for r in res["rows"])]
-    lines = ["| sampler | model | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
-             "|---|---|" + "---|" * len(nfes)]
+    rows = []
     for s in samplers:
         for res in results:
             vals = {r["nfe"]: r[metric] for r in res["rows"] if r["sampler"] == s and metric in r}
-            if not vals:
-                continue
-            cells = [f"{vals[n]:.3f}" if n in vals else "" for n in nfes]
-            lines.append(f"| {s} | {res['label']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            if vals:
+                rows.append((s, res["label"], [f"{vals[n]:.3f}" if n in vals else ""
+                                               for n in nfes]))
+    return "\n".join(nfe_table("sampler", "model", rows, nfes))
 
 
 def _robustness_tables(results: Sequence[dict]) -> str:
@@ -305,11 +340,7 @@ def _robustness_tables(results: Sequence[dict]) -> str:
 
 
 def _plots(results: Sequence[dict], out: epath.Path) -> list[str]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from atdiff_jax.train.paths import write_atomic
+    plt = pyplot()
     written = []
     for metric in ("fd_mnist", "fid"):
         if not any(metric in r for res in results for r in res["rows"]):
@@ -321,14 +352,11 @@ def _plots(results: Sequence[dict], out: epath.Path) -> list[str]:
                              if r["sampler"] == s and metric in r)
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=f"{res['label']} / {s}")
-        ax.set_xlabel("NFE")
-        ax.set_ylabel(metric)
-        ax.set_xscale("log")
+        nfe_axis(ax, metric)
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / f"{metric}_vs_nfe.png"
-        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
-        plt.close(fig)
+        save_figure(fig, path, dpi=100)
         written.append(str(path))
     if any(res.get("robustness") for res in results):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -346,8 +374,7 @@ def _plots(results: Sequence[dict], out: epath.Path) -> list[str]:
         ax.legend(fontsize=7)
         fig.tight_layout()
         path = out / "robustness.png"
-        write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100))
-        plt.close(fig)
+        save_figure(fig, path, dpi=100)
         written.append(str(path))
     return written
 
@@ -374,5 +401,5 @@ def write_report(results: Sequence[dict], out_dir: str) -> dict[str, Any]:
     plots = _plots(results, out)
     parts += [f"![{epath.Path(p).stem}]({epath.Path(p).name})" for p in plots]
     (out / "report.md").write_text("\n".join(parts) + "\n")
-    (out / "results.json").write_text(json.dumps(list(results), indent=1))
+    write_json(out / "results.json", list(results))
     return {"report": str(out / "report.md"), "plots": plots}

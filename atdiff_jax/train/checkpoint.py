@@ -2,7 +2,7 @@
 
 Layout: ``<workdir>/checkpoints/<step>/{state,data,config}``. A workdir is a local path or a URL
 that ``etils.epath`` reads (``gs://bucket/run``); it is handed to Orbax as an ``epath.Path``
-(:func:`atdiff_jax.train.paths.workdir_path`), never turned into a local path. Orbax writes each
+(:func:`atdiff_jax.paths.workdir_path`), never turned into a local path. Orbax writes each
 step into a temporary directory and renames it when complete (on ``gs://``, where there is no
 rename, it writes a commit marker last), so an interrupted save never looks like a checkpoint
 and never touches the earlier ones. Nothing here deletes a checkpoint except Orbax's
@@ -15,6 +15,7 @@ is reported with its step and the steps that remain, and is left in place.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -25,9 +26,11 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 
-from atdiff_jax.train.paths import workdir_path
+from atdiff_jax.paths import workdir_path
 
 ITEMS = ("state", "data", "config")
+# Train-state fields renamed since checkpoints were first written: {name now: name in older ones}.
+RENAMED_FIELDS = {"timestep_sampler": "sampler"}
 # Where a local checkpoint is moved before it is deleted (not a step name, so never listed).
 TRASH = ".deleting"
 
@@ -131,17 +134,46 @@ def _unreadable(manager, step: int, err: Exception) -> CheckpointError:
                            f"({type(err).__name__}: {err}); {hint}. Nothing was deleted.")
 
 
+def _older_names(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> dict:
+    """``{name now: older name}`` of the state fields that checkpoint ``step`` saved under their
+    older name (``RENAMED_FIELDS``); empty for a checkpoint written with today's names."""
+    if not dataclasses.is_dataclass(abstract_state):
+        return {}
+    try:
+        saved = ocp.StandardCheckpointHandler().metadata(
+            manager.directory / str(step) / "state").tree
+    except Exception:  # noqa: BLE001 - no metadata to go by: restore with today's names
+        return {}
+    if not isinstance(saved, dict):
+        return {}
+    return {new: old for new, old in RENAMED_FIELDS.items()
+            if hasattr(abstract_state, new) and new not in saved and old in saved}
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any
             ) -> tuple[Any, dict, dict]:
-    """``(state, data_state, config_dict)`` of ``step``, with the shardings of ``abstract_state``."""
+    """``(state, data_state, config_dict)`` of ``step``, with the shardings of ``abstract_state``.
+
+    A checkpoint that names a state field by its older name (``RENAMED_FIELDS``) is restored
+    into today's field.
+    """
     _check_step(manager, step)
+    older = _older_names(manager, step, abstract_state)
+    target = abstract_state
+    if older:   # the saved tree is a dict of the fields: restore it under the names it has
+        target = {older.get(f.name, f.name): getattr(abstract_state, f.name)
+                  for f in dataclasses.fields(abstract_state)}
     try:
         out = manager.restore(step, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
+            state=ocp.args.StandardRestore(target),
             data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
     except Exception as e:  # noqa: BLE001 - any failure to read means the same thing to the user
         raise _unreadable(manager, step, e) from e
-    return out.state, out.data, out.config
+    state = out.state
+    if older:
+        state = type(abstract_state)(**{f.name: state[older.get(f.name, f.name)]
+                                        for f in dataclasses.fields(abstract_state)})
+    return state, out.data, out.config
 
 
 def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:

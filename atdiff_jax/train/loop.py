@@ -1,11 +1,11 @@
-"""The training loop (``train_and_evaluate``) and restoring a run (``restore_state``, sampling).
+"""The training loop (``train``) and restoring a run (``restore_state``, sampling).
 
 Every process runs the same program. The state lives on a (data, fsdp) mesh over all devices of
 all processes; each process feeds its slice of the global batch. A workdir with checkpoints is
 resumed automatically (state, data-iterator position and RNG counters), which gives bit-identical
 parameters to an uninterrupted run. SIGTERM (preemption) makes every process save at the next step
 boundary and exit cleanly. Workdirs are ``etils.epath`` paths: local, or a URL such as
-``gs://bucket/run`` (:func:`atdiff_jax.train.paths.workdir_path`).
+``gs://bucket/run`` (:func:`atdiff_jax.paths.workdir_path`).
 
 A consistency-model run (``config.cm.kind != "none"``) restores its DPM teacher's EMA params from
 ``config.teacher.workdir`` (``restore_for_sampling``; checked against the run's config before
@@ -27,18 +27,18 @@ import numpy as np
 from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
+from atdiff_jax import samplers as samples_lib
 from atdiff_jax.convert.guided_diffusion import load_torch_state_dict, params_from_state_dict
 from atdiff_jax.data.pipeline import DataError, DataStateMismatchError, create_train_iterator
-from atdiff_jax.eval import samples as samples_lib
+from atdiff_jax.paths import workdir_path
 from atdiff_jax.train import checkpoint as ckpt
 from atdiff_jax.train import sharding
-from atdiff_jax.train.cm_step import cm_schedule, make_cm_train_step, merge_teacher_params
-from atdiff_jax.train.experiment import (ConfigError, Experiment, build_experiment,
-                                         build_optimizer, check_init_config,
-                                         check_teacher_config, cm_kind, lr_schedule,
-                                         resume_data_error)
-from atdiff_jax.train.paths import workdir_path
-from atdiff_jax.train.state import TrainState, create_state, ema_key, init_params
+from atdiff_jax.train.build import (ConfigError, Experiment, build_experiment, build_optimizer,
+                                    check_init_config, check_teacher_config, cm_kind,
+                                    lr_schedule, resume_data_error)
+from atdiff_jax.train.objectives import step_schedule
+from atdiff_jax.train.state import (TrainState, create_state, ema_key, init_params,
+                                   merge_teacher_params)
 from atdiff_jax.train.step import make_train_step
 
 
@@ -266,8 +266,8 @@ def _write_grid(config, experiment, state, mesh, workdir, step, writer):
         writer.write_images(step, {"ema_samples": tile[None]})
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
-                       restore_step: int | None = None) -> TrainState:
+def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+          restore_step: int | None = None) -> TrainState:
     """Trains (or resumes) ``config`` in ``workdir`` (local or e.g. ``gs://``); returns the final
     state."""
     experiment = build_experiment(config)   # validates the config first
@@ -317,30 +317,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json(indent=2))
 
-    if experiment.cm is None:
-        train_step = jax.jit(
-            make_train_step(experiment, optimizer, seed=config.seed, lr_fn=lr_fn),
-            in_shardings=(shardings, sharding.batch_sharding(mesh)),
-            out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-    else:
-        # The teacher is a non-donated input, sharded like params; the schedule is host-side.
-        teacher_params = {}
-        if teacher is not None and experiment.cm.kind != "ct":
-            host = jax.device_get(teacher.params)
-            teacher_params = _put(host, sharding.params_shardings(host, mesh))
-        cm_step = jax.jit(
-            make_cm_train_step(experiment, optimizer, seed=config.seed, lr_fn=lr_fn,
-                               teacher_model=teacher.model if teacher else None,
-                               teacher_diffusion=teacher.diffusion if teacher else None),
-            in_shardings=(shardings, sharding.batch_sharding(mesh),
-                          sharding.params_shardings(teacher_params, mesh),
-                          sharding.replicated(mesh)),
-            out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+    # The teacher is a non-donated input, sharded like params ({} without one); the schedule
+    # (the CM target EMA rate and N; nothing for DPM) is computed on the host.
+    teacher_params = {}
+    if teacher is not None and experiment.cm.kind != "ct":
+        host = jax.device_get(teacher.params)
+        teacher_params = _put(host, sharding.params_shardings(host, mesh))
+    jitted_step = jax.jit(
+        make_train_step(experiment, optimizer, seed=config.seed, lr_fn=lr_fn,
+                        teacher_model=teacher.model if teacher else None,
+                        teacher_diffusion=teacher.diffusion if teacher else None),
+        in_shardings=(shardings, sharding.batch_sharding(mesh),
+                      sharding.params_shardings(teacher_params, mesh), sharding.replicated(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
 
-        def train_step(state, batch, steps_done):
-            schedule = cm_schedule(experiment, steps_done)  # the same on every process
-            schedule = _put(schedule, jax.tree.map(lambda _: sharding.replicated(mesh), schedule))
-            return cm_step(state, batch, teacher_params, schedule)
+    def train_step(state, batch, steps_done):
+        schedule = step_schedule(experiment, steps_done)  # the same on every process
+        schedule = _put(schedule, jax.tree.map(lambda _: sharding.replicated(mesh), schedule))
+        return jitted_step(state, batch, teacher_params, schedule)
 
     writer = metric_writers.create_default_writer(
         str(workdir), just_logging=jax.process_index() > 0, asynchronous=False)
@@ -356,10 +350,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | os.Path
                 batch = sharding.global_batch(next(iterator), mesh)
             except DataError as e:   # e.g. images of another dtype
                 raise ConfigError(f"config.data: {e}") from None
-            if experiment.cm is None:
-                state, metrics = train_step(state, batch)
-            else:  # the CM schedule of the minibatches done so far (state.step == step - 1)
-                state, metrics = train_step(state, batch, step - 1)
+            # the schedule of the minibatches done so far (state.step == step - 1)
+            state, metrics = train_step(state, batch, step - 1)
             pending.append(metrics)
             if step % config.train.log_every == 0 or step == total:
                 host = jax.device_get(pending)  # waits for the step: the timing below is real

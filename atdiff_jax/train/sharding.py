@@ -63,7 +63,7 @@ def state_shardings(abstract_state: Any, mesh: Mesh) -> Any:
         params=params_shardings(abstract_state.params, mesh),
         ema=params_shardings(abstract_state.ema, mesh),
         opt_state=params_shardings(abstract_state.opt_state, mesh),
-        sampler=jax.tree.map(rep, abstract_state.sampler), **extra)
+        timestep_sampler=jax.tree.map(rep, abstract_state.timestep_sampler), **extra)
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

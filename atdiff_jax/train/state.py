@@ -11,10 +11,11 @@ from typing import Any
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from atdiff_jax.diffusion.timestep_sampler import LossHistory
-from atdiff_jax.train.experiment import Experiment
+from atdiff_jax.train.build import Experiment
 
 
 def ema_key(rate: float) -> str:
@@ -30,7 +31,7 @@ class TrainState:
     params: Any
     ema: dict[str, Any]  # {ema_key(rate): params}
     opt_state: Any
-    sampler: LossHistory
+    timestep_sampler: LossHistory
 
 
 @flax.struct.dataclass
@@ -48,6 +49,22 @@ def init_params(experiment: Experiment, rng: jax.Array) -> Any:
     return experiment.model.init({"params": rng}, x, t, y=y, train=False, **kw)["params"]
 
 
+def merge_teacher_params(init: Any, teacher: Any) -> Any:
+    """The student's initial params: the teacher's (host arrays) wherever the trees agree (same
+    path and shape), ``init`` elsewhere (e.g. an LCM student's zero-initialised
+    ``guidance_proj``). ``init`` may be abstract (``jax.eval_shape``): its unmatched leaves then
+    stay ``ShapeDtypeStruct``s, which tells the caller a real init is needed."""
+    flat_t = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(teacher)}
+
+    def pick(path, x):
+        v = flat_t.get(jax.tree_util.keystr(path))
+        if v is None or tuple(np.shape(v)) != tuple(x.shape):
+            return x
+        return np.asarray(v, x.dtype)
+
+    return jax.tree_util.tree_map_with_path(pick, init)
+
+
 def create_state(experiment: Experiment, optimizer: optax.GradientTransformation, params: Any,
                  ema_params: Any | None = None) -> TrainState:
     """A fresh state around ``params`` (EMA from ``ema_params`` if given, else the params).
@@ -58,7 +75,7 @@ def create_state(experiment: Experiment, optimizer: optax.GradientTransformation
     fields = dict(
         step=jnp.int32(0), updates=jnp.int32(0), skipped=jnp.int32(0), params=params,
         ema={ema_key(r): jax.tree.map(jnp.array, ema_src) for r in experiment.ema_rates},
-        opt_state=optimizer.init(params), sampler=experiment.sampler.init())
+        opt_state=optimizer.init(params), timestep_sampler=experiment.timestep_sampler.init())
     if experiment.cm is not None:
         return CMTrainState(target=jax.tree.map(jnp.array, params), **fields)
     return TrainState(**fields)

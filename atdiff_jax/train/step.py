@@ -1,13 +1,17 @@
-"""The training step: ONE pure function ``(state, batch) -> (state, metrics)`` per minibatch.
+"""The training step of DPM and consistency-model runs: ONE pure function per minibatch,
+``train_step(state, batch, teacher_params, schedule) -> (state, metrics)``.
 
-It draws timesteps and noise, runs the adversary's K inner updates (``jax.grad`` inside, one
-optimizer + EMA + timestep-sampler update per inner step) and returns scalar metrics. It is
-compiled once with ``jax.jit`` and shardings (see ``sharding.py``).
+It draws the minibatch's timesteps (or CM indices) and noise, runs the adversary's K inner updates
+(``run_adversary``: one forward/backward per update, micro-batched when asked), applies each
+update unless a gradient or loss is not finite (then it is counted in ``state.skipped``), keeps
+the EMA copies, and returns scalar metrics. What is minimised and what follows every update (the
+timestep-sampler update of DPM, the target EMA of CM) is the objective's (``objectives.py``). It
+is compiled once with ``jax.jit`` and shardings (see ``sharding.py``).
 
 Randomness is counter-based: the minibatch key is ``fold_in(key(seed), state.step)``; example i of
-the global batch draws its timestep and noise from ``fold_in(example_root, i)``, so results do not
-depend on the number of devices or processes, and a resumed run draws the same numbers as an
-uninterrupted one.
+the global batch draws its timestep and noise from ``fold_in(fold_in(step_key, 0), i)`` and
+dropout uses ``fold_in(step_key, 1)``, so results do not depend on the number of devices or
+processes, and a resumed run draws the same numbers as an uninterrupted one.
 """
 from __future__ import annotations
 
@@ -18,14 +22,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from atdiff_jax.adversarial.driver import run_adversary
-from atdiff_jax.diffusion.objective import denoising_loss
+from atdiff_jax.adversarial.driver import run_adversary, value_and_grads
+from atdiff_jax.train.build import Experiment
 from atdiff_jax.train.ema import ema_update
-from atdiff_jax.train.experiment import Experiment
+from atdiff_jax.train.objectives import objective_for
 from atdiff_jax.train.state import TrainState, ema_key
 
 
-def _all_finite(tree) -> jax.Array:
+def all_finite(tree) -> jax.Array:
+    """True when every leaf of ``tree`` is finite everywhere (a scalar bool array)."""
     leaves = jax.tree.leaves(tree)
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
@@ -73,13 +78,6 @@ def microbatched_grad_fn(loss_of_batch: Callable, batch: dict, m: int) -> Callab
     return grad_fn
 
 
-def drop_labels(keys: jax.Array, labels: jax.Array, *, rate: float, null_label: int) -> jax.Array:
-    """Classifier-free guidance training: each label [B] becomes ``null_label`` with probability
-    ``rate``, drawn from ``fold_in(keys[i], 3)`` (``keys`` [B]: the per-example keys)."""
-    u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 3)))(keys)
-    return jnp.where(u < rate, jnp.asarray(null_label, labels.dtype), labels)
-
-
 def adversary_metrics(m: dict, state: Any, lr_fn: Callable, kind: str) -> dict:
     """Per-minibatch metrics from ``run_adversary``'s per-inner-step outputs ``m`` [K, ...].
 
@@ -106,71 +104,67 @@ def adversary_metrics(m: dict, state: Any, lr_fn: Callable, kind: str) -> dict:
 
 
 def make_train_step(experiment: Experiment, optimizer: optax.GradientTransformation, *,
-                    seed: int, lr_fn: Callable[[Any], Any]) -> Callable:
-    """Builds ``train_step(state, batch) -> (state, metrics)``.
+                    seed: int, lr_fn: Callable[[Any], Any], teacher_model=None,
+                    teacher_diffusion=None) -> Callable:
+    """Builds ``train_step(state, batch, teacher_params=None, schedule=None) -> (state, metrics)``
+    of a DPM or a consistency-model experiment (its objective: ``objectives.objective_for``).
+
+    Args:
+      experiment, optimizer: the run's objects (``build.py``).
+      seed: the run's seed; lr_fn: the learning rate of the optimizer-update count (a metric).
+      teacher_model, teacher_diffusion: a CM run's DPM teacher network and training chain (cd,
+        lcm); its params are the step's ``teacher_params``.
 
     ``batch``: ``image`` [B, H, W, C] float32 in [-1, 1] (the global batch) and, for
-    class-conditional models, ``label`` [B] int32 (replaced by the null class ``num_classes - 1``
-    with probability ``experiment.label_dropout``, drawn from ``fold_in(example key, 3)``).
+    class-conditional models, ``label`` [B] int32. ``schedule``: ``objectives.step_schedule(
+    experiment, state.step)`` (needed by consistency models: their target EMA rate and N).
     """
     exp = experiment
-    model = exp.model
+    objective = objective_for(exp, teacher_model=teacher_model,
+                              teacher_diffusion=teacher_diffusion)
 
-    def apply_fn(params, x, t, y, rng):
-        return model.apply({"params": params}, x, t, y=y, train=True, rngs={"dropout": rng})
-
-    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+    def train_step(state: TrainState, batch: dict, teacher_params: Any = None,
+                   schedule: dict | None = None) -> tuple[TrainState, dict]:
+        teacher_params = {} if teacher_params is None else teacher_params
+        schedule = {} if schedule is None else schedule
         x0 = batch["image"]
-        b = x0.shape[0]
         step_key = jax.random.fold_in(jax.random.key(seed), state.step)
-        example_root, dropout_root = jax.random.fold_in(step_key, 0), jax.random.fold_in(step_key, 1)
-        keys = jax.vmap(lambda i: jax.random.fold_in(example_root, i))(jnp.arange(b))
-        t, weights = exp.sampler.sample_per_example(
-            state.sampler, jax.vmap(lambda k: jax.random.fold_in(k, 0))(keys))
-        noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), x0.shape[1:]))(keys)
-        loss_batch = {"x_start": x0, "t": t, "noise": noise, "weights": weights}
-        if exp.class_cond:
-            y = batch["label"]
-            if exp.label_dropout:  # classifier-free guidance: the null class is num_classes - 1
-                y = drop_labels(keys, y, rate=exp.label_dropout, null_label=exp.num_classes - 1)
-            loss_batch["y"] = y
-        if exp.input_perturb:
-            loss_batch["ip_noise"] = jax.vmap(
-                lambda k: jax.random.normal(jax.random.fold_in(k, 2), x0.shape[1:]))(keys)
+        dropout_root = jax.random.fold_in(step_key, 1)
+        loss_batch = objective.loss_batch(state, batch, step_key, schedule)
 
-        def loss_of_batch(params, delta, rng, mb):
-            return denoising_loss(params, delta, rng, batch=mb, apply_fn=apply_fn,
-                                  diffusion=exp.diffusion, target_type=exp.adversary.target_type,
-                                  input_perturb=exp.input_perturb)
-
-        loss_fn = functools.partial(loss_of_batch, mb=loss_batch)
-        grad_fn = (microbatched_grad_fn(loss_of_batch, loss_batch, exp.microbatches)
-                   if exp.microbatches > 1 else None)
+        def grad_fn(params_and_frozen, delta, rng):
+            # Differentiates w.r.t. the params (and δ) only; the frozen part (θ⁻) is a constant.
+            params, frozen = params_and_frozen
+            loss_of_batch = objective.loss_of_batch(frozen, teacher_params, schedule)
+            if exp.microbatches > 1:
+                return microbatched_grad_fn(loss_of_batch, loss_batch, exp.microbatches)(
+                    params, delta, rng)
+            return value_and_grads(functools.partial(loss_of_batch, mb=loss_batch))(
+                params, delta, rng)
 
         def apply_update(st: TrainState, grads, aux) -> TrainState:
-            finite = _all_finite(grads) & jnp.all(jnp.isfinite(aux["loss"]))
+            finite = all_finite(grads) & jnp.all(jnp.isfinite(aux["loss"]))
 
             def update(st):
                 updates, opt_state = optimizer.update(grads, st.opt_state, st.params)
                 params = optax.apply_updates(st.params, updates)
                 ema = {ema_key(r): ema_update(st.ema[ema_key(r)], params, r) for r in exp.ema_rates}
-                return st.replace(params=params, opt_state=opt_state, ema=ema,
-                                  updates=st.updates + 1,
-                                  sampler=exp.sampler.update(st.sampler, t, aux["loss"]))
+                st = st.replace(params=params, opt_state=opt_state, ema=ema,
+                                updates=st.updates + 1)
+                return objective.after_update(st, loss_batch, aux, schedule)
 
             def skip(st):
                 return st.replace(skipped=st.skipped + 1)
 
             return jax.lax.cond(finite, update, skip, st)
 
-        state, m = run_adversary(loss_fn, state, dropout_root, adversary=exp.adversary,
-                                 delta_shape=x0.shape, params_of=lambda s: s.params,
+        state, m = run_adversary(None, state, dropout_root, adversary=exp.adversary,
+                                 delta_shape=x0.shape,
+                                 params_of=lambda s: (s.params, objective.frozen(s)),
                                  apply_update=apply_update, grad_fn=grad_fn)
         state = state.replace(step=state.step + 1)
         metrics = adversary_metrics(m, state, lr_fn, exp.adversary.kind)
-        for k in ("mse", "vb"):
-            if k in m["aux"]:
-                metrics[k] = jnp.mean(m["aux"][k])
+        metrics.update(objective.metrics(m, schedule))
         return state, metrics
 
     return train_step
@@ -192,7 +186,7 @@ def standalone_train_step(config, seed: int = 0):
     """``(step, state, batch)`` of a DPM config, outside the train loop: its train step jitted
     with the state donated, a freshly initialised state and a random batch of the config's
     global size. The experiment's equal-wall-clock timing and ``bench/`` time this."""
-    from atdiff_jax.train.experiment import build_experiment, build_optimizer, lr_schedule
+    from atdiff_jax.train.build import build_experiment, build_optimizer, lr_schedule
     from atdiff_jax.train.state import create_state, init_params
     exp, opt = build_experiment(config), build_optimizer(config)
     # one compiled init (eagerly, every op of the UNet's init would compile on its own)

@@ -1,5 +1,6 @@
-"""The paper's comparison (SPEC §3.1) on MNIST: `atdiff experiment --spec=configs/experiments/mnist.py
---root=runs/experiments/mnist` (resumable; see atdiff_jax/eval/study.py and docs/RESULTS.md).
+"""The paper's comparison of clean ADM, ADM-AT and the baselines (docs/method.md, "Hyper-parameters"
+and "Baselines") on MNIST: `atdiff experiment --spec=configs/experiments/mnist.py
+--root=runs/experiments/mnist` (resumable; see atdiff_jax/experiment/runner.py and docs/RESULTS.md).
 
 1. A clean ADM pre-trained to good digits (mnist_pretrain.py), checked against the real-data floor.
 2. From its checkpoint, N minibatches in each arm (mnist_finetune.py + the arm's options):

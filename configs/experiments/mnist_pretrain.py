@@ -1,4 +1,5 @@
-"""Experiment stage 1 (issue 7, SPEC §3.1 at MNIST scale): the clean ADM every arm fine-tunes from.
+"""Experiment stage 1 (issue 7; the paper's recipe, docs/method.md "Hyper-parameters", at MNIST
+scale): the clean ADM every arm fine-tunes from.
 
 The MNIST default's network (32/32/64 channels, 8 GroupNorm groups, attention at 8x8) trained
 clean, long enough to make good digits: 10,000 minibatches of 32 (= 10,000 AdamW updates) at a

@@ -1,4 +1,7 @@
-"""``atdiff experiment``: the paper's comparison (SPEC §3.1) at MNIST scale, resumable.
+"""Running an experiment (``atdiff experiment``): the spec, its stages, resuming, timing.
+
+The paper's comparison of clean ADM, ADM-AT and the baselines in its CIFAR-10 recipe
+(docs/method.md, "Hyper-parameters" and "Baselines"), at MNIST scale, resumable.
 
 The experiment is described by a *spec* (``configs/experiments/mnist.py``; a smoke version is
 ``configs/experiments/smoke.py``) and lives in one root directory::
@@ -34,8 +37,8 @@ evaluation cells are reused):
 6. **report**: mean +- std over training seeds (each the mean over evaluation seeds) in the
    paper's layout (rows sampler x arm, columns NFE); the paired per-seed differences of each arm
    against clean, and of AT against equal updates and equal wall-clock
-   (:func:`paired_differences`); the floor of one cell (:func:`cell_floor`); robustness, plots,
-   wall time.
+   (``stats.paired_differences``); the floor of one cell (:func:`cell_floor`); robustness,
+   plots, wall time (``render.write_report``).
 
 Arms are given as nested overrides of the fine-tuning config; unknown keys are errors.
 """
@@ -56,7 +59,10 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from atdiff_jax.eval.report import EVAL_SAMPLERS
+from atdiff_jax.eval.report import write_json
+from atdiff_jax.experiment.render import write_report
+from atdiff_jax.experiment.stats import mean_std
+from atdiff_jax.samplers import EVAL_SAMPLERS
 
 
 class StudyError(ValueError):
@@ -241,29 +247,24 @@ def _seed_of(seed_dir: str) -> int:
     return -1 if seed_dir == "start" else int(seed_dir[len("seed"):])
 
 
-def train(config, workdir: pathlib.Path) -> float:
+def train_run(config, workdir: pathlib.Path) -> float:
     """Trains (or resumes, or skips a finished) run; returns the seconds spent.
 
     Raises:
       StudyInterrupted: the run was stopped (SIGTERM) before its last minibatch; its checkpoint
         is written and the next invocation resumes it.
     """
-    from atdiff_jax.train.loop import train_and_evaluate
+    from atdiff_jax.train.loop import train
     _check_saved_config(workdir, config)
     if _latest_step(workdir) == config.train.num_minibatches:
         return 0.0
     t0 = time.perf_counter()
-    train_and_evaluate(config, str(workdir))
+    train(config, str(workdir))
     done = _latest_step(workdir)
     if done != config.train.num_minibatches:
         raise StudyInterrupted(f"{workdir} stopped at minibatch {done} of "
                                f"{config.train.num_minibatches}; rerun the same command to resume")
     return time.perf_counter() - t0
-
-
-def _write_json(path: pathlib.Path, obj: Any) -> None:
-    from atdiff_jax.train.paths import write_atomic
-    write_atomic(path, lambda f: f.write(json.dumps(obj, indent=1).encode()))
 
 
 def gate(spec, root: pathlib.Path, data_dir: str, start_step: int) -> dict:
@@ -290,7 +291,7 @@ def gate(spec, root: pathlib.Path, data_dir: str, start_step: int) -> dict:
            "factor": row["fd_mnist"] / floor, "max_factor": float(g.max_factor),
            "min_confidence": float(g.min_confidence)}
     out["passed"] = bool(out["factor"] <= g.max_factor and out["confidence"] >= g.min_confidence)
-    _write_json(path, out)
+    write_json(path, out)
     return out
 
 
@@ -330,7 +331,7 @@ def timing(spec, root: pathlib.Path, data_dir: str, start_step: int) -> dict:
     configs = {arm: arm_config(spec, arm, spec.seeds[0], root, data_dir, start_step)
                for arm in (spec.wallclock.baseline, spec.wallclock.arm)}
     out = {"arms": measure_step_seconds(configs, repeats=int(spec.wallclock.repeats))}
-    _write_json(path, out)
+    write_json(path, out)
     return out
 
 
@@ -380,12 +381,25 @@ def evaluate(spec, root: pathlib.Path, run: Run, data_dir: str) -> list[pathlib.
     return files
 
 
+def cell_floor(data_dir: str, num: int, draws: int = 5) -> dict:
+    """fd_mnist of ``num`` real *training* images against the evaluation's reference (test
+    images), for ``draws`` random subsets: what a perfect generator scores in one evaluation cell
+    of ``num`` samples (the gate's floor is two sets of N; this one matches the cells)."""
+    from atdiff_jax.eval.fid import frechet_distance
+    from atdiff_jax.eval.mnist_fd import reference_stats
+    from atdiff_jax.eval.report import mnist_reference
+    ref = mnist_reference(data_dir)
+    vals = [float(frechet_distance(*reference_stats(data_dir, "train", num, seed=k), *ref))
+            for k in range(draws)]
+    return {"num_samples": int(num), "draws": int(draws), **mean_std(vals)}
+
+
 # ---------------------------------------------------------------------------------------------
-# Report
+# The evaluation cells on disk
 
 
-def _collect(root: pathlib.Path) -> list[dict]:
-    """Every evaluation cell on disk as flat rows."""
+def collect_rows(root: pathlib.Path) -> list[dict]:
+    """Every evaluation cell on disk as flat rows (see ``stats.py``)."""
     rows = []
     for path in sorted((root / "eval").glob("*/*/*_e*.json")):
         res = json.loads(path.read_text())
@@ -397,231 +411,14 @@ def _collect(root: pathlib.Path) -> list[dict]:
     return rows
 
 
-def _robustness_rows(root: pathlib.Path) -> list[dict]:
+def robustness_rows(root: pathlib.Path) -> list[dict]:
+    """Every robustness result on disk, with its label and training seed."""
     out = []
     for path in sorted((root / "eval").glob("*/*/robustness.json")):
         res = json.loads(path.read_text())
         out.append({"label": path.parent.parent.name, "seed": _seed_of(path.parent.name),
                     **res["robustness"]})
     return out
-
-
-def _per_seed(rows: list[dict], metric: str) -> dict[tuple[str, str, int, int], float]:
-    """(label, sampler, nfe, training seed) -> the mean over evaluation seeds."""
-    vals: dict[tuple, list[float]] = {}
-    for r in rows:
-        if metric in r:
-            vals.setdefault((r["label"], r["sampler"], r["nfe"], r["seed"]), []).append(r[metric])
-    return {k: float(np.mean(v)) for k, v in vals.items()}
-
-
-def _stats(v: list[float]) -> dict:
-    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
-            "n": len(v), "values": v}
-
-
-def summarize(rows: list[dict], metric: str) -> dict[tuple[str, str, int], dict]:
-    """(label, sampler, nfe) -> mean/std over training seeds of the per-seed eval-seed means."""
-    cells: dict[tuple, list[float]] = {}
-    for (label, sampler, nfe, _), v in sorted(_per_seed(rows, metric).items()):
-        cells.setdefault((label, sampler, nfe), []).append(v)
-    return {k: _stats(v) for k, v in cells.items()}
-
-
-def paired_differences(rows: list[dict], metric: str, arm: str, reference: str, *,
-                       lower_is_better: bool = True) -> dict[tuple[str, int], dict]:
-    """(sampler, nfe) -> ``100 * (arm - reference) / reference`` per training seed, paired.
-
-    Both runs of a training seed saw the same minibatches and noise and are sampled from the
-    same x_T, so the per-seed difference removes most of the evaluation noise that the spread of
-    either arm alone contains. Only seeds both labels have count; ``wins`` is the number of
-    seeds where ``arm`` is better.
-    """
-    per = _per_seed(rows, metric)
-    out: dict[tuple, list[tuple[float, bool]]] = {}
-    for (label, sampler, nfe, seed), a in sorted(per.items()):
-        if label != arm:
-            continue
-        b = per.get((reference, sampler, nfe, seed))
-        if b is None:
-            continue
-        out.setdefault((sampler, nfe), []).append(
-            (100.0 * (a - b) / b, a < b if lower_is_better else a > b))
-    return {k: {**_stats([d for d, _ in v]), "wins": sum(w for _, w in v)}
-            for k, v in out.items()}
-
-
-def comparisons(spec, labels: Sequence[str]) -> list[tuple[str, str]]:
-    """The (arm, reference) pairs the report differences: every arm against the clean baseline,
-    and the AT arm against clean with equal updates and at equal wall-clock."""
-    w = spec.wallclock
-    pairs = [(lb, w.baseline) for lb in labels if lb not in ("start", w.baseline)]
-    pairs += [(w.arm, w.reference), (w.arm, f"{w.reference}@wallclock")]
-    out = []
-    for a, b in pairs:
-        if a in labels and b in labels and a != b and (a, b) not in out:
-            out.append((a, b))
-    return out
-
-
-def cell_floor(data_dir: str, num: int, draws: int = 5) -> dict:
-    """fd_mnist of ``num`` real *training* images against the evaluation's reference (test
-    images), for ``draws`` random subsets: what a perfect generator scores in one evaluation cell
-    of ``num`` samples (the gate's floor is two sets of N; this one matches the cells)."""
-    from atdiff_jax.eval.fid import frechet_distance
-    from atdiff_jax.eval.mnist_fd import reference_stats
-    from atdiff_jax.eval.report import mnist_reference
-    ref = mnist_reference(data_dir)
-    vals = [float(frechet_distance(*reference_stats(data_dir, "train", num, seed=k), *ref))
-            for k in range(draws)]
-    return {"num_samples": int(num), "draws": int(draws), **_stats(vals)}
-
-
-def _fmt(cell: dict | None, spec: str = ".2f") -> str:
-    if cell is None:
-        return ""
-    if cell["n"] > 1:
-        return f"{cell['mean']:{spec}} ± {cell['std']:{spec}}"
-    return f"{cell['mean']:{spec}}"
-
-
-def _fmt_diff(cell: dict | None) -> str:
-    if cell is None:
-        return ""
-    spread = f" ± {cell['std']:.1f}" if cell["n"] > 1 else ""
-    return f"{cell['mean']:+.1f}{spread} [{cell['wins']}/{cell['n']}]"
-
-
-def write_report(spec, root: pathlib.Path, labels: Sequence[str], *, extra: dict) -> pathlib.Path:
-    """``<root>/report.md`` + ``results.json`` + plots from every evaluation cell on disk."""
-    rows = _collect(root)
-    nfes = sorted({r["nfe"] for r in rows})
-    samplers = [s for s in EVAL_SAMPLERS if any(r["sampler"] == s for r in rows)]
-    present = [lb for lb in labels if any(r["label"] == lb for r in rows)]
-    parts = ["# Experiment report", "",
-             f"Root `{root}`. Each cell: mean ± std over training seeds (n in the JSON) of the "
-             f"mean over {len(spec.eval.seeds)} evaluation seed(s), "
-             f"{spec.eval.num_samples} samples each.", ""]
-    g = extra.get("gate")
-    if g:
-        parts += [f"**Start checkpoint** (step {g['step']}, {g['sampler']}-{g['nfe']}, "
-                  f"{g['num_samples']} samples): fd_mnist {g['fd_mnist']:.3f} = "
-                  f"{g['factor']:.1f} x the real-data floor {g['floor']:.3f}; confidence "
-                  f"{g['confidence']:.3f} (gate: <= {g['max_factor']:g} x floor, >= "
-                  f"{g['min_confidence']:g}: {'passed' if g['passed'] else 'NOT passed'}).", ""]
-    f = extra.get("cell_floor")
-    if f:
-        parts += [f"**Floor of a cell:** {f['num_samples']} real training images score fd_mnist "
-                  f"{f['mean']:.3f} ± {f['std']:.3f} against the same reference ({f['draws']} "
-                  f"random draws): what a perfect generator would score in these tables.", ""]
-    summaries = {}
-    for metric, title in (("fd_mnist", "MNIST feature distance (lower is better)"),
-                          ("confidence", "Classifier confidence (higher is better)")):
-        summ = summarize(rows, metric)
-        summaries[metric] = {"|".join(map(str, k)): v for k, v in summ.items()}
-        if not summ:
-            continue
-        lines = ["| sampler | arm | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
-                 "|---|---|" + "---|" * len(nfes)]
-        for s in samplers:
-            for lb in present:
-                if any((lb, s, n) in summ for n in nfes):
-                    lines.append(f"| {s} | {lb} | " + " | ".join(
-                        _fmt(summ.get((lb, s, n))) for n in nfes) + " |")
-        parts += [f"## {title}", "", *lines, ""]
-    paired, lines = {}, []
-    for a, b in comparisons(spec, present):
-        d = paired_differences(rows, "fd_mnist", a, b)
-        paired[f"{a}|{b}"] = {"|".join(map(str, k)): v for k, v in d.items()}
-        for s in samplers:
-            if any((s, n) in d for n in nfes):
-                lines.append(f"| {a} vs {b} | {s} | " + " | ".join(
-                    _fmt_diff(d.get((s, n))) for n in nfes) + " |")
-    if lines:
-        parts += ["## Paired differences in fd_mnist", "",
-                  "(arm − reference) / reference in %, per training seed (both saw the same "
-                  "minibatches and noise and start from the same x_T), mean ± std over seeds; "
-                  "[k/n]: the arm is better on k of n seeds. Negative is better.", "",
-                  "| arm vs reference | sampler | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
-                  "|---|---|" + "---|" * len(nfes), *lines, ""]
-    rob = _robustness_rows(root)
-    if rob:
-        parts += ["## Robustness (denoiser attack: attacked eps MSE, mean over seeds)", ""]
-        radii = rob[0]["attack"]["radius"]
-        ts = rob[0]["attack"]["t"]
-        parts.append("| arm | t | " + " | ".join(f"r={r:g}" for r in radii) + " |")
-        parts.append("|---|---|" + "---|" * len(radii))
-        for lb in present:
-            mine = [r for r in rob if r["label"] == lb]
-            if not mine:
-                continue
-            att = np.mean([np.asarray(r["attack"]["eps_attacked"]) for r in mine], axis=0)
-            for i, t in enumerate(ts):
-                parts.append(f"| {lb} | {t} | " + " | ".join(f"{v:.4f}" for v in att[i]) + " |")
-        parts.append("")
-        if "sampling" in rob[0]:
-            parts += ["DDIM-10 with perturbed intermediate states: fd_mnist (mean ± std over "
-                      "training seeds)", "",
-                      "| arm | " + " | ".join(f"{r['kind']} {r['size']:g}"
-                                              for r in rob[0]["sampling"]["rows"]) + " |",
-                      "|---|" + "---|" * len(rob[0]["sampling"]["rows"])]
-            for lb in present:
-                mine = [r for r in rob if r["label"] == lb and "sampling" in r]
-                if mine:
-                    vals = np.array([[x["fd_mnist"] for x in r["sampling"]["rows"]]
-                                     for r in mine])
-                    parts.append(f"| {lb} | " + " | ".join(
-                        _fmt(_stats(list(col)), ".3f") for col in vals.T) + " |")
-            parts.append("")
-    t = extra.get("timing")
-    if t:
-        parts += ["## Cost", "", "| arm | s / minibatch (interleaved, one process) | "
-                  "minibatches | train wall time (s, as run) |", "|---|---|---|---|"]
-        wall = extra.get("wall", {})
-        for arm in spec.arm_order:
-            n = int(spec.finetune.num_minibatches) * int(spec.arms[arm].get("minibatch_factor", 1))
-            ws = [v for k, v in wall.items() if k.startswith(arm + "/")]
-            sec = f"{t['arms'][arm]['s_per_minibatch']:.3f}" if arm in t["arms"] else ""
-            parts.append(f"| {arm} | {sec} | {n} | " + (f"{np.mean(ws):.0f}" if ws else "") + " |")
-        if "wallclock_step" in extra:
-            parts += ["", f"Equal wall-clock: `{spec.wallclock.reference}@wallclock` is "
-                      f"{spec.wallclock.reference} at minibatch {extra['wallclock_step']} "
-                      f"(the nearest checkpoint to {extra['wallclock_target']})."]
-        parts.append("")
-    plots = _plot(rows, present, samplers, root)
-    parts += [f"![{p.stem}]({p.name})" for p in plots]
-    (root / "report.md").write_text("\n".join(parts) + "\n")
-    _write_json(root / "results.json", {"summary": summaries, "paired": paired, "rows": rows,
-                                        "robustness": rob,
-                                        **{k: v for k, v in extra.items()}})
-    return root / "report.md"
-
-
-def _plot(rows, labels, samplers, root: pathlib.Path) -> list[pathlib.Path]:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    summ = summarize(rows, "fd_mnist")
-    if not summ:
-        return []
-    fig, axes = plt.subplots(1, len(samplers), figsize=(4 * len(samplers), 3.5), squeeze=False)
-    for ax, s in zip(axes[0], samplers):
-        for lb in labels:
-            pts = sorted((n, c["mean"], c["std"]) for (la, sa, n), c in summ.items()
-                         if la == lb and sa == s)
-            if pts:
-                n, m, sd = map(np.asarray, zip(*pts))
-                ax.errorbar(n, m, yerr=sd, marker="o", capsize=2, label=lb)
-        ax.set_title(s)
-        ax.set_xscale("log")
-        ax.set_xlabel("NFE")
-        ax.set_ylabel("fd_mnist")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    path = root / "fd_mnist_vs_nfe.png"
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return [path]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -682,7 +479,7 @@ def _run(spec, root, until: str, stop: _StopFlag) -> pathlib.Path:
 
     # 1. pre-training
     pre = pretrain_config(spec, root, data_dir)
-    secs = train(pre, root / "pretrain")
+    secs = train_run(pre, root / "pretrain")
     stop.check()
     if secs:
         wall["pretrain"] = wall.get("pretrain", 0.0) + secs
@@ -724,7 +521,7 @@ def _run(spec, root, until: str, stop: _StopFlag) -> pathlib.Path:
                 continue
             config = arm_config(spec, arm, seed, root, data_dir, start)
             workdir = root / "arms" / arm / f"seed{seed}"
-            secs = train(config, workdir)
+            secs = train_run(config, workdir)
             if secs:
                 wall[f"{arm}/seed{seed}"] = wall.get(f"{arm}/seed{seed}", 0.0) + secs
                 _save_wall(root, wall)
@@ -736,8 +533,14 @@ def _run(spec, root, until: str, stop: _StopFlag) -> pathlib.Path:
                 step = _nearest(_all_steps(workdir), extra["wallclock_target"])
                 extra["wallclock_step"] = step
                 evaluate(spec, root, Run(f"{arm}@wallclock", seed, str(workdir), step), data_dir)
-        write_report(spec, root, labels, extra=extra)
-    return write_report(spec, root, labels, extra=extra)
+        _report(spec, root, labels, extra)
+    return _report(spec, root, labels, extra)
+
+
+def _report(spec, root: pathlib.Path, labels: list[str], extra: dict) -> pathlib.Path:
+    """The report of every evaluation cell on disk."""
+    return write_report(spec, root, labels, rows=collect_rows(root),
+                        robustness=robustness_rows(root), extra=extra)
 
 
 def _load_wall(root: pathlib.Path) -> dict:
@@ -746,15 +549,10 @@ def _load_wall(root: pathlib.Path) -> dict:
 
 
 def _save_wall(root: pathlib.Path, wall: dict) -> None:
-    _write_json(root / "wall_seconds.json", wall)
+    write_json(root / "wall_seconds.json", wall)
 
 
 def load_spec(path: str) -> ml_collections.ConfigDict:
     spec = _load_config(path)
     validate_spec(spec)
     return spec
-
-
-__all__ = ["StudyError", "StudyInterrupted", "Run", "apply_overrides", "validate_spec",
-           "arm_config", "measure_step_seconds", "summarize", "paired_differences", "comparisons",
-           "cell_floor", "run_experiment", "load_spec"]

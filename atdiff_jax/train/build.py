@@ -14,19 +14,19 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from atdiff_jax.adversarial.perturb import KINDS, NORMS, RADIUS_SCALINGS, TARGET_TYPES, AdversaryConfig
+from atdiff_jax.adversarial.perturb import KINDS, NORMS, RADIUS_SCALINGS, AdversaryConfig
 from atdiff_jax.consistency.karras import WEIGHT_SCHEDULES, KarrasDenoiser
 from atdiff_jax.consistency.lcm import LCM_LOSS_NORMS, LCMSettings
 from atdiff_jax.consistency.losses import LOSS_NORMS as CD_LOSS_NORMS
 from atdiff_jax.consistency.losses import SOLVERS as CD_SOLVERS
 from atdiff_jax.consistency.schedule import SCALE_MODES, TARGET_EMA_MODES, create_ema_and_scales_fn
-from atdiff_jax.convert.guided_diffusion import create_model
-from atdiff_jax.diffusion.gaussian import GaussianDiffusion, create_gaussian_diffusion
+from atdiff_jax.diffusion.gaussian import (TARGET_TYPES, GaussianDiffusion,
+                                           create_gaussian_diffusion)
 from atdiff_jax.diffusion.schedules import SCHEDULES
-from atdiff_jax.diffusion.timestep_sampler import SAMPLERS, TimestepSampler
-from atdiff_jax.eval.samples import CM_SAMPLERS
-from atdiff_jax.eval.samples import SAMPLERS as GRID_SAMPLERS
+from atdiff_jax.diffusion.timestep_sampler import TIMESTEP_SAMPLERS, TimestepSampler
+from atdiff_jax.models.adm import create_model
 from atdiff_jax.models.unet import NUM_GROUPS, UNetModel
+from atdiff_jax.samplers import CM_SAMPLERS, DPM_SAMPLERS
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 CM_KINDS = ("none", "cd", "ct", "lcm")
@@ -84,7 +84,7 @@ def _bool(config, path: str) -> None:
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Raises :class:`ConfigError` naming the first invalid option."""
     _choice(config, "diffusion.noise_schedule", SCHEDULES)
-    _choice(config, "diffusion.schedule_sampler", SAMPLERS)
+    _choice(config, "diffusion.schedule_sampler", TIMESTEP_SAMPLERS)
     _choice(config, "adv.kind", KINDS)
     _choice(config, "adv.norm", NORMS)
     _choice(config, "adv.radius_scaling", RADIUS_SCALINGS)
@@ -93,7 +93,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     if "cm" in config:
         _choice(config, "cm.kind", CM_KINDS)
     if cm_kind(config) == "none":
-        _choice(config, "train.sampler", GRID_SAMPLERS)
+        _choice(config, "train.sampler", DPM_SAMPLERS)
     else:
         if _get(config, "train.sampler") not in CM_SAMPLERS:
             raise ConfigError(f"config.train.sampler must be one of {CM_SAMPLERS} for a "
@@ -433,7 +433,7 @@ class Experiment:
     model: UNetModel
     diffusion: GaussianDiffusion
     adversary: AdversaryConfig
-    sampler: TimestepSampler
+    timestep_sampler: TimestepSampler
     ema_rates: tuple[float, ...]
     input_perturb: float
     microbatches: int
@@ -458,7 +458,8 @@ def build_experiment(config) -> Experiment:
     m = config.model
     return Experiment(
         model=build_model(config), diffusion=diffusion, adversary=build_adversary(config),
-        sampler=TimestepSampler(config.diffusion.schedule_sampler, diffusion.num_timesteps),
+        timestep_sampler=TimestepSampler(config.diffusion.schedule_sampler,
+                                         diffusion.num_timesteps),
         ema_rates=tuple(float(r) for r in config.train.ema_rates),
         input_perturb=float(config.diffusion.input_perturb),
         microbatches=int(config.train.microbatches),

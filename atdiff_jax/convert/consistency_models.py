@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from atdiff_jax.models.adm import NUM_CLASSES, model_kwargs_from_args
+
 __all__ = ["cm_create_model_kwargs", "cm_to_guided_state_dict"]
 
 _CONV1X1 = ("qkv", "proj_out")
@@ -46,7 +48,6 @@ def cm_create_model_kwargs(args: Mapping[str, Any]) -> dict[str, Any]:
     ``use_new_attention_order=True`` (see the module docstring), and for ``class_cond=True``
     ``num_classes=1000``: consistency_models' ``cm/script_util.py`` always uses
     ``NUM_CLASSES = 1000``, where the AT_Diff rule of ``create_model`` would give 10 at 32 px."""
-    from atdiff_jax.convert.guided_diffusion import NUM_CLASSES, model_kwargs_from_args
     kwargs = model_kwargs_from_args(dict(args))
     kwargs["use_new_attention_order"] = True
     if kwargs.get("class_cond") and kwargs.get("num_classes") is None:

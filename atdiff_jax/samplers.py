@@ -1,8 +1,27 @@
-"""Generating images from a trained model with any of the samplers, and saving them.
+"""The image samplers: their names (the one registry that options and checks use), the jitted
+samplers they build, and generating and saving images with them.
 
-DPM runs use ``SAMPLERS`` (``sampler_fn``); consistency-model runs (``config.cm.kind != "none"``)
-use ``CM_SAMPLERS`` (``cm_sampler_fn``): ``cm_onestep`` (one network evaluation) and
-``cm_multistep`` (``steps`` evaluations, re-noising in between).
+=================  =====================  ========================================================
+name               runs                   what it is
+=================  =====================  ========================================================
+``ddim``           DPM                    DDIM, eta 0, on the chain respaced to ``steps`` steps
+``iddpm``          DPM                    ancestral sampling (IDDPM) on the respaced chain
+``dpm_solver``     DPM                    DPM-Solver++(2M) with logSNR steps, as the authors'
+                                          sampling script (``diffusion/dpm_solver.py``)
+``es``             DPM, evaluation only   ``iddpm`` with epsilon scaling (``eps_scale``), the ES
+                                          baseline of ``atdiff eval`` and experiments
+``cm_onestep``     consistency models     one network evaluation
+``cm_multistep``   consistency models     ``steps`` evaluations, re-noising in between
+=================  =====================  ========================================================
+
+DPM runs use ``DPM_SAMPLERS`` (``sampler_fn``); consistency-model runs (``config.cm.kind !=
+"none"``) use ``CM_SAMPLERS`` (``cm_sampler_fn``: Karras runs through
+``consistency.samplers.karras_sample``, whose own ``sampler=`` names, ``KARRAS_SAMPLERS``, are the
+reference code's; LCM runs through ``consistency.lcm.lcm_sample``). ``generate`` draws any number
+of images with either; ``grid``, ``save_png`` and ``save_samples`` write them.
+
+Timestep samplers (which t a training example gets) are another thing:
+``diffusion.timestep_sampler.TIMESTEP_SAMPLERS``.
 """
 from __future__ import annotations
 
@@ -15,13 +34,23 @@ import numpy as np
 from PIL import Image
 
 from atdiff_jax.consistency.lcm import lcm_sample
-from atdiff_jax.consistency.samplers import karras_sample
+from atdiff_jax.consistency.samplers import KARRAS_SAMPLERS, karras_sample
 from atdiff_jax.diffusion.dpm_solver import dpm_solver_sample
 from atdiff_jax.diffusion.gaussian import GaussianDiffusion
-from atdiff_jax.train.paths import write_atomic
+from atdiff_jax.paths import write_atomic
 
-SAMPLERS = ("ddim", "iddpm", "dpm_solver")
+# config.train.sampler (the grids of DPM runs) and `atdiff sample` on a DPM run
+DPM_SAMPLERS = ("ddim", "iddpm", "dpm_solver")
+# config.train.sampler and `atdiff sample` on a consistency-model run
 CM_SAMPLERS = ("cm_onestep", "cm_multistep")
+# `atdiff eval --samplers` and an experiment's spec.eval.samplers (DPM runs)
+EVAL_SAMPLERS = ("ddim", "iddpm", "es", "dpm_solver")
+# every name `atdiff sample --sampler` takes
+SAMPLE_SAMPLERS = DPM_SAMPLERS + CM_SAMPLERS
+
+__all__ = ["CM_SAMPLERS", "DPM_SAMPLERS", "EVAL_SAMPLERS", "KARRAS_SAMPLERS", "SAMPLE_SAMPLERS",
+           "batch_shardings", "cm_sampler_fn", "generate", "grid", "multistep_ts", "sampler_fn",
+           "save_png", "save_samples", "to_uint8"]
 
 
 def sampler_fn(model, diffusion: GaussianDiffusion, *, sampler: str, steps: int,
@@ -32,8 +61,8 @@ def sampler_fn(model, diffusion: GaussianDiffusion, *, sampler: str, steps: int,
     or fixed variance; ``eps_scale`` != 1 is the ES sampler), ``dpm_solver`` is DPM-Solver++(2M)
     with logSNR steps as in the authors' sampling script.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    if sampler not in DPM_SAMPLERS:
+        raise ValueError(f"sampler must be one of {DPM_SAMPLERS}, got {sampler!r}")
     # One compiled sampler per (network, chain, sampler, steps): evaluating many checkpoints of
     # the same network (atdiff eval, atdiff experiment) compiles each sampler once.
     key = (model, _chain_key(diffusion), sampler, int(steps), float(eps_scale), clip_denoised)
@@ -89,7 +118,7 @@ def cm_sampler_fn(model, cm, *, sampler: str, steps: int,
                   diffusion: GaussianDiffusion | None = None, guidance_w: float | None = None):
     """A jitted ``fn(params, noise, rng, y) -> x_0`` in [-1, 1] for a consistency model.
 
-    ``cm`` is the run's ``CMSettings`` (``atdiff_jax.train.experiment``). Karras runs (cd/ct):
+    ``cm`` is the run's ``CMSettings`` (``atdiff_jax.train.build``). Karras runs (cd/ct):
     ``cm_onestep`` is ``f(sigma_max z, sigma_max)``; ``cm_multistep`` the stochastic multistep
     sampler at ``multistep_ts(cm.sample_scales, steps)``. LCM runs: ``lcm_sample`` with 1 or
     ``steps`` steps over the teacher's ``diffusion`` (the guidance scale ``guidance_w``, default

@@ -1,0 +1,25 @@
+"""``atdiff experiment``: the paper's comparison of arms (clean, AT, baselines) at MNIST scale.
+
+* ``runner``: the spec (``configs/experiments/*.py``), its stages (pretrain, gate, timing, arms,
+  evaluation) in one resumable root directory, and the equal wall-clock timing;
+* ``stats``: per-seed means, mean ± std over training seeds, paired differences;
+* ``render``: ``report.md``, ``results.json`` and the plots.
+"""
+from atdiff_jax.experiment.render import write_report
+from atdiff_jax.experiment.runner import (
+    Run,
+    StudyError,
+    StudyInterrupted,
+    apply_overrides,
+    arm_config,
+    cell_floor,
+    load_spec,
+    measure_step_seconds,
+    run_experiment,
+    validate_spec,
+)
+from atdiff_jax.experiment.stats import comparisons, mean_std, paired_differences, summarize
+
+__all__ = ["Run", "StudyError", "StudyInterrupted", "apply_overrides", "arm_config",
+           "cell_floor", "comparisons", "load_spec", "mean_std", "measure_step_seconds",
+           "paired_differences", "run_experiment", "summarize", "validate_spec", "write_report"]
