@@ -40,6 +40,12 @@ import pytest  # noqa: E402
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
 
+# The same, per program, for in-process tests of properties that hold whatever LLVM does
+# (skipping, micro-batching, bf16 compute): ``jax.jit(f, compiler_options=FAST_COMPILER_OPTIONS)``.
+FAST_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
+                         "xla_llvm_disable_expensive_passes": True}
+
+
 def fast_compile_xla_flags(*extra: str) -> str:
     """``XLA_FLAGS`` for such a subprocess: the caller's flags (e.g. the portability check's
     ``--xla_cpu_max_isa=AVX2``), then ``FAST_COMPILE``, then ``extra``."""
