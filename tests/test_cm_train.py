@@ -469,7 +469,7 @@ def test_distil_with_at_and_resume_bit_for_bit(cm_run, teacher_run, mnist_data_d
     _cli_train_cm(resumed_dir, teacher_run, mnist_data_dir, compilation_cache)
     resumed, _ = restore_state(str(resumed_dir))
     assert int(resumed.step) == 4 and int(resumed.updates) == 8
-    for field in ("params", "target", "ema", "opt_state", "sampler"):
+    for field in ("params", "target", "ema", "opt_state", "timestep_sampler"):
         jax.tree.map(np.testing.assert_array_equal, getattr(resumed, field), getattr(final, field))
 
 
