@@ -95,7 +95,8 @@ def iter_fid_features(params: Any, batches: Iterable[np.ndarray], *, batch_size:
     """Inception pool_3 features of a stream of image batches, yielded per computed batch.
 
     Args:
-      params: converted Inception params (:func:`atdiff_jax.convert.inception.load_inception_params`).
+      params: converted Inception params
+        (:func:`atdiff_jax.convert.inception.load_inception_params`).
       batches: iterable of ``[b, H, W, C]`` arrays, values in ``[0, 255]`` (uint8, or float),
         ``C`` 3 or 1; any ``b``, the same ``H, W, C`` throughout.
       batch_size: images per device call, rounded up to a multiple of the device count; the
