@@ -32,6 +32,7 @@ speed-up (N devices cannot be faster than the cores they share).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pathlib
@@ -80,7 +81,7 @@ def worker(args) -> dict:
 
     from atdiff_jax.train import sharding
     from atdiff_jax.train.build import build_experiment, build_optimizer, lr_schedule
-    from atdiff_jax.train.state import create_state, init_params
+    from atdiff_jax.train.state import init_state
     from atdiff_jax.train.step import make_train_step
 
     if jax.device_count() != args.devices:
@@ -96,8 +97,8 @@ def worker(args) -> dict:
     exp = build_experiment(config)
     opt = build_optimizer(config)
     # One single-device init (identical in every worker), then placed on the mesh.
-    host = jax.device_get(jax.jit(
-        lambda: create_state(exp, opt, init_params(exp, jax.random.key(config.seed))))())
+    host = jax.device_get(jax.jit(functools.partial(init_state, exp, opt))(
+        jax.random.key(config.seed)))
     mesh = sharding.create_mesh(args.fsdp)
     shardings = sharding.state_shardings(jax.eval_shape(lambda: host), mesh)
     state = jax.device_put(host, shardings)

@@ -37,13 +37,11 @@ import pytest  # noqa: E402
 # about a third and leaves every HLO pass as it is. Every run a test compares uses the same flags.
 # Not for the reference-vector tests: sin/cos and other expansions round differently at this
 # level (the timestep embedding moves by ~1.7e-6), so those run in-process with XLA's defaults.
-FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-
-
-# The same, per program, for in-process tests of properties that hold whatever LLVM does
+# The same options per program, for in-process tests of properties that hold whatever LLVM does
 # (skipping, micro-batching, bf16 compute): ``jax.jit(f, compiler_options=FAST_COMPILER_OPTIONS)``.
 FAST_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0,
                          "xla_llvm_disable_expensive_passes": True}
+FAST_COMPILE = " ".join(f"--{k}={str(v).lower()}" for k, v in FAST_COMPILER_OPTIONS.items())
 
 
 def fast_compile_xla_flags(*extra: str) -> str:

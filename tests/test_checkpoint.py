@@ -9,6 +9,7 @@ during these writes; docs/troubleshooting.md lists the messages.
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import pathlib
 import shutil
@@ -220,14 +221,14 @@ def micro_run(workdir: pathlib.Path, step: int = 2) -> pathlib.Path:
     import runpy
 
     from atdiff_jax.train.build import build_experiment, build_optimizer
-    from atdiff_jax.train.state import create_state, init_params
+    from atdiff_jax.train.state import init_state
     config = runpy.run_path(str(pathlib.Path(__file__).parent.parent / "configs" / "tiny.py")
                             )["get_config"]()
     for path, value in MICRO.items():
         group, name = path.split(".")
         config[group][name] = value
     exp, opt = build_experiment(config), build_optimizer(config)
-    abstract = jax.eval_shape(lambda: create_state(exp, opt, init_params(exp, jax.random.key(0))))
+    abstract = jax.eval_shape(functools.partial(init_state, exp, opt), jax.random.key(0))
     state = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
     manager = ckpt.create_manager(workdir)
     try:

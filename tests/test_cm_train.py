@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import pathlib
 import runpy
 import shutil
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -22,7 +19,6 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
-from conftest import fast_compile_xla_flags
 
 from atdiff_jax.adversarial import AdversaryConfig, run_adversary
 from atdiff_jax.consistency import (
@@ -401,16 +397,13 @@ def test_guided_lcm_step_trains_the_guidance_embedding():
 
 
 def atdiff(*args, timeout=600, cache_dir=None):
-    """``atdiff ARGS`` in a subprocess, compiled with conftest.FAST_COMPILE (the CLI runs are
-    compared with each other: the resume is bit for bit against the uninterrupted run)."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
-               XLA_FLAGS=fast_compile_xla_flags())
-    if cache_dir:  # the CLI processes share this module's compilation cache
-        env.update(JAX_COMPILATION_CACHE_DIR=cache_dir,
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-                   JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    return subprocess.run([sys.executable, "-m", "atdiff_jax.cli", *map(str, args)], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=timeout)
+    """test_cli's ``atdiff`` (conftest.FAST_COMPILE: the CLI runs are compared with each other,
+    the resume bit for bit against the uninterrupted run), sharing this module's cache."""
+    from test_cli import atdiff as cli
+    cache = {} if not cache_dir else {"JAX_COMPILATION_CACHE_DIR": cache_dir,
+                                      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                                      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    return cli(*args, timeout=timeout, env_extra=cache)
 
 
 @pytest.fixture(scope="module")

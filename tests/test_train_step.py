@@ -18,7 +18,7 @@ from atdiff_jax.diffusion.objective import denoising_loss
 from atdiff_jax.train import step as step_lib
 from atdiff_jax.train.build import (ConfigError, build_experiment, build_optimizer,
                                     lr_schedule, validate_config)
-from atdiff_jax.train.state import create_state, ema_key, init_params
+from atdiff_jax.train.state import create_state, ema_key, init_params, init_state
 
 TINY = pathlib.Path(__file__).parent.parent / "configs" / "tiny.py"
 
@@ -34,7 +34,7 @@ def tiny_config(**overrides):
 def make(config):
     exp = build_experiment(config)
     opt = build_optimizer(config)
-    state = jax.jit(lambda key: create_state(exp, opt, init_params(exp, key)),
+    state = jax.jit(functools.partial(init_state, exp, opt),
                     compiler_options=FAST_COMPILER_OPTIONS)(jax.random.key(0))
     step = jax.jit(step_lib.make_train_step(exp, opt, seed=config.seed, lr_fn=lr_schedule(config)),
                    compiler_options=FAST_COMPILER_OPTIONS)

@@ -15,6 +15,7 @@ non-donated input; the student starts from them when ``config.cm.init_from_teach
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -37,7 +38,7 @@ from atdiff_jax.train.build import (ConfigError, Experiment, build_experiment, b
                                     check_init_config, check_teacher_config, cm_kind,
                                     lr_schedule, resume_data_error)
 from atdiff_jax.train.objectives import step_schedule
-from atdiff_jax.train.state import (TrainState, create_state, ema_key, init_params,
+from atdiff_jax.train.state import (TrainState, create_state, ema_key, init_params, init_state,
                                    merge_teacher_params)
 from atdiff_jax.train.step import make_train_step
 
@@ -181,8 +182,8 @@ def load_init_run(config) -> tuple[Any, Any] | None:
 
 def _abstract_state(experiment, optimizer) -> TrainState:
     """Shapes and dtypes of the train state (nothing is computed or allocated)."""
-    return jax.eval_shape(lambda: create_state(
-        experiment, optimizer, init_params(experiment, jax.random.key(0))))
+    return jax.eval_shape(functools.partial(init_state, experiment, optimizer),
+                          jax.random.key(0))
 
 
 def _put(host: Any, shardings: Any) -> Any:

@@ -65,6 +65,13 @@ def merge_teacher_params(init: Any, teacher: Any) -> Any:
     return jax.tree_util.tree_map_with_path(pick, init)
 
 
+def init_state(experiment: Experiment, optimizer: optax.GradientTransformation,
+               rng: jax.Array) -> TrainState:
+    """A fresh state around freshly initialised params (pure: jit it, or ``jax.eval_shape`` it
+    for the shapes; run eagerly, every op of the UNet's init would compile on its own)."""
+    return create_state(experiment, optimizer, init_params(experiment, rng))
+
+
 def create_state(experiment: Experiment, optimizer: optax.GradientTransformation, params: Any,
                  ema_params: Any | None = None) -> TrainState:
     """A fresh state around ``params`` (EMA from ``ema_params`` if given, else the params).

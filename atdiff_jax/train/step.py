@@ -187,11 +187,9 @@ def standalone_train_step(config, seed: int = 0):
     with the state donated, a freshly initialised state and a random batch of the config's
     global size. The experiment's equal-wall-clock timing and ``bench/`` time this."""
     from atdiff_jax.train.build import build_experiment, build_optimizer, lr_schedule
-    from atdiff_jax.train.state import create_state, init_params
+    from atdiff_jax.train.state import init_state
     exp, opt = build_experiment(config), build_optimizer(config)
-    # one compiled init (eagerly, every op of the UNet's init would compile on its own)
-    state = jax.jit(lambda key: create_state(exp, opt, init_params(exp, key)))(
-        jax.random.key(seed))
+    state = jax.jit(functools.partial(init_state, exp, opt))(jax.random.key(seed))
     step = jax.jit(make_train_step(exp, opt, seed=seed, lr_fn=lr_schedule(config)),
                    donate_argnums=0)
     return step, state, random_train_batch(config, config.train.global_batch_size, seed)
