@@ -1,7 +1,4 @@
-"""Properties of the perturbation math and of the AT drivers (tiny network, fast to compile).
-
-The drivers' programs compile with ``conftest.FAST_COMPILER_OPTIONS``: the properties (update
-counts, norms, keys) hold whatever LLVM does with the CPU code."""
+"""Properties of the perturbation math and of the AT drivers (tiny network, fast to compile)."""
 import functools
 
 import flax.linen as nn
@@ -10,7 +7,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import FAST_COMPILER_OPTIONS
 
 from atdiff_jax.adversarial import driver, perturb
 from atdiff_jax.adversarial.perturb import AdversaryConfig
@@ -69,7 +65,7 @@ def run(adversary, batch, state, rng):
                                 params_of=lambda s: s["params"], apply_update=apply_update)
 
 
-jit_run = jax.jit(run, static_argnums=0, compiler_options=FAST_COMPILER_OPTIONS)
+jit_run = jax.jit(run, static_argnums=0)
 
 
 def test_l2_ascent_step_has_exact_length():
@@ -137,7 +133,7 @@ def test_fast_at_makes_exactly_k_updates_and_steps_delta():
 def test_fast_at_with_k1_is_clean_training_bit_for_bit():
     batch, state, rng = make_batch(1), init_state(), jax.random.key(4)
 
-    @functools.partial(jax.jit, compiler_options=FAST_COMPILER_OPTIONS)  # as jit_run: bit for bit
+    @jax.jit
     def clean_step(state, batch, rng):
         loss_fn = functools.partial(denoising_loss, batch=batch, apply_fn=apply_fn, diffusion=DIFFUSION)
         (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -215,7 +211,7 @@ def test_timestep_sampler_sees_the_adversarial_losses_of_every_inner_step():
                               params_of=lambda s: s["params"], apply_update=update_with_sampler)
 
     state = dict(init_state(), sampler=sampler.init())
-    new, metrics = jax.jit(step, compiler_options=FAST_COMPILER_OPTIONS)(state)
+    new, metrics = jax.jit(step)(state)
     counts = np.asarray(new["sampler"].counts)
     assert counts.sum() == 3 * SHAPE[0]
     # The recorded history of each timestep is the per-example adversarial losses, in order.

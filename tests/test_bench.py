@@ -21,7 +21,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import FAST_COMPILE
+from conftest import subprocess_xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench"
@@ -39,7 +39,7 @@ SCRIPTS = {
 }
 
 # the sampler benchmark also runs with the batch split over 2 simulated devices
-DEVICES = {"samplers": " --xla_force_host_platform_device_count=2"}
+DEVICES = {"samplers": "--xla_force_host_platform_device_count=2"}
 
 sys.path.insert(0, str(BENCH))
 
@@ -53,12 +53,12 @@ def runs(tmp_path_factory, request):
     root = tmp_path_factory.mktemp("bench")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
     env.update(JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
-               # compile fast (~35% less CPU): these runs check fields, not speed
-               XLA_FLAGS=FAST_COMPILE)
+               # the suite's fast compile (~35% less CPU): these runs check fields, not speed
+               XLA_FLAGS=subprocess_xla_flags())
     procs = {}
     for name, extra in SCRIPTS.items():
         out = root / name
-        env["XLA_FLAGS"] = FAST_COMPILE + DEVICES.get(name, "")
+        env["XLA_FLAGS"] = subprocess_xla_flags(DEVICES.get(name, ""))
         with open(root / f"{name}.log", "w") as log:  # the child keeps its own handle
             proc = subprocess.Popen(
                 [sys.executable, str(BENCH / f"{name}.py"), *MICRO, *extra, f"--out={out}"],
@@ -253,7 +253,7 @@ def test_faults_two_kills_resume_bit_identically(tmp_path, mnist_data_dir):
     """bench/faults.py in its reduced mode (2 kills, 4 minibatches): both resumes are
     bit-identical, nothing is lost, and the JSON holds the machine, the phases and every run."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "XLA_"))}
-    env.update(TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS=FAST_COMPILE)
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS=subprocess_xla_flags())
     out = tmp_path / "out"
     proc = subprocess.run([sys.executable, str(BENCH / "faults.py"), "--kills=2", "--steps=4",
                            f"--data_dir={mnist_data_dir}", f"--out={out}"], cwd=REPO, env=env,

@@ -8,17 +8,15 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import fast_compile_xla_flags
 
 ROOT = pathlib.Path(__file__).parent.parent
 TINY = str(ROOT / "configs" / "tiny.py")
 
 
 def atdiff(*args, timeout=600, env_extra=None):
-    """``atdiff ARGS`` in a subprocess, compiled with conftest.FAST_COMPILE: what these tests
-    compare are runs of the CLI with each other, files, exit codes and messages."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu",
-               XLA_FLAGS=fast_compile_xla_flags(), **(env_extra or {}))
+    """``atdiff ARGS`` in a subprocess; it inherits the suite's XLA_FLAGS (conftest.FAST_COMPILE):
+    what these tests compare are runs of the CLI with each other, files, exit codes and messages."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu", **(env_extra or {}))
     return subprocess.run([sys.executable, "-m", "atdiff_jax.cli", *map(str, args)], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=timeout, check=False)
 

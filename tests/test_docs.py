@@ -50,7 +50,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import fast_compile_xla_flags
+from conftest import subprocess_xla_flags
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -1067,7 +1067,7 @@ def _tool_env(bin_dir: pathlib.Path, **extra: str) -> dict[str, str]:
            if not k.startswith(("ATDIFF_", "JAX_", "XLA_"))}
     env.update(PATH=f"{bin_dir}{os.pathsep}{env.get('PATH', '')}", JAX_PLATFORMS="cpu",
                TF_CPP_MIN_LOG_LEVEL="2", PYTHONUNBUFFERED="1",
-               XLA_FLAGS=fast_compile_xla_flags(),  # the docs' commands, checked for what they
+               XLA_FLAGS=subprocess_xla_flags(),  # the docs' commands, checked for what they
                # write and print, not for the numbers of one compiled program
                PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])))
     env.update(extra)
@@ -1253,6 +1253,35 @@ def test_pytest_commands_collect(tmp_path):
     default, slow = selected
     assert "test_guide_sample" in default and "test_local_sh_main_job" not in default
     assert "test_local_sh_main_job" in slow and "test_guide_sample" not in slow
+
+
+
+def test_xla_flags_follow_the_suite_compile_level():
+    """Run by test_suite_compile_level_switch in both settings (and here in this run's)."""
+    from conftest import FAST_COMPILE
+    fast = os.environ.get("ATDIFF_TESTS_XLA_OPT", "fast") == "fast"
+    assert (FAST_COMPILE in os.environ.get("XLA_FLAGS", "")) == fast
+
+
+def test_suite_compile_level_switch(tmp_path):
+    """docs/testing.md's ATDIFF_TESTS_XLA_OPT=default command keeps XLA's default level (the
+    caller's XLA_FLAGS only), the plain suite appends FAST_COMPILE after the caller's flags, and
+    any other value is one usage error."""
+    (block,) = blocks_for("test_suite_compile_level_switch")
+    words = _words(logical_lines(block.text)[0])
+    assignments = dict(w.split("=", 1) for w in words if re.match(r"^[A-Z_]+=", w))
+    assert assignments == {"ATDIFF_TESTS_XLA_OPT": "default"}
+    (cmd,) = simple_commands(block.text)
+    assert cmd[:3] == ["python", "-m", "pytest"]
+    probe = f"{THIS}::test_xla_flags_follow_the_suite_compile_level"
+    for extra, code in ((assignments, 0), ({}, 0), ({"ATDIFF_TESTS_XLA_OPT": "O3"}, 4)):
+        env = _tool_env(tmp_path / "bin", XLA_FLAGS="--xla_cpu_max_isa=AVX2", **extra)
+        res = subprocess.run([sys.executable, *cmd[1:], "-p", "no:cacheprovider", probe],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+                             check=False)
+        assert res.returncode == code, (extra, res.stdout[-2000:] + res.stderr[-2000:])
+    assert "ATDIFF_TESTS_XLA_OPT must be 'fast' or 'default', got 'O3'" in res.stderr + res.stdout
+
 
 
 # --------------------------------------------------------------------------------------------

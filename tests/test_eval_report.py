@@ -21,7 +21,7 @@ def tiny_run(tmp_path_factory, mnist_data_dir):
 def results(tiny_run, mnist_data_dir):
     return report.evaluate_workdir(
         str(tiny_run), metrics=("fd_mnist", "robustness"), samplers=("ddim", "es"), nfes=(2, 3),
-        num_samples=12, batch_size=6, data_dir=str(mnist_data_dir), robustness_t=(10, 60),
+        num_samples=12, batch_size=6, data_dir=str(mnist_data_dir),  # robustness_t: the default
         robustness_radii=(0.0, 0.05, 0.1), robustness_pgd_steps=3, robustness_images=4,
         robustness_sizes=(0.0, 0.1), robustness_samples=6, label="tiny")
 
@@ -39,7 +39,8 @@ def test_results_json_has_every_cell(results, tiny_run):
 
 def test_robustness_section(results):
     a = results["robustness"]["attack"]
-    assert np.asarray(a["eps_attacked"]).shape == (2, 3)
+    assert a["t"] == [5, 20, 50, 80]  # the default grid: 5/20/50/80 % of configs/tiny.py's T = 100
+    assert np.asarray(a["eps_attacked"]).shape == (4, 3)
     np.testing.assert_allclose(np.asarray(a["eps_attacked"])[:, 0],
                                np.asarray(a["eps_clean"])[:, 0], rtol=1e-5)
     assert np.all(np.diff(np.asarray(a["eps_attacked"]), axis=1) > 0)
@@ -54,7 +55,8 @@ def test_two_devices_split_the_batch_and_give_the_same_numbers(results, tiny_run
                                                                tmp_path):
     """The same evaluation with 2 simulated devices: samplers and the robustness attack split
     each batch over both (samplers.batch_shardings), which is per-example work, so the samples and
-    every score match the 1-device run."""
+    every score match the 1-device run. One cell of the grid (the sampler code is shared by all)
+    and the whole robustness section."""
     import os
     import subprocess
     import sys
@@ -66,8 +68,8 @@ from atdiff_jax.eval import report
 assert jax.local_device_count() == 2
 assert samplers.batch_shardings(6) is not None and samplers.batch_shardings(5) is None
 report.evaluate_workdir(
-    {str(tiny_run)!r}, metrics=("fd_mnist", "robustness"), samplers=("ddim", "es"), nfes=(2, 3),
-    num_samples=12, batch_size=6, data_dir={str(mnist_data_dir)!r}, robustness_t=(10, 60),
+    {str(tiny_run)!r}, metrics=("fd_mnist", "robustness"), samplers=("ddim",), nfes=(3,),
+    num_samples=12, batch_size=6, data_dir={str(mnist_data_dir)!r},
     robustness_radii=(0.0, 0.05, 0.1), robustness_pgd_steps=3, robustness_images=4,
     robustness_sizes=(0.0, 0.1), robustness_samples=6, label="tiny",
     out_file={str(tmp_path / "two.json")!r})
@@ -79,7 +81,7 @@ report.evaluate_workdir(
     assert res.returncode == 0, res.stderr[-3000:]
     two = json.loads((tmp_path / "two.json").read_text())
     one = {(r["sampler"], r["nfe"]): r for r in results["rows"]}
-    assert len(two["rows"]) == len(one) == 4
+    assert len(two["rows"]) == 1 and len(one) == 4
     for r in two["rows"]:   # the same images: the same distance and confidence
         mine = one[r["sampler"], r["nfe"]]
         assert (r["fd_mnist"], r["confidence"]) == pytest.approx(
@@ -87,21 +89,12 @@ report.evaluate_workdir(
     for k in ("eps_clean", "eps_attacked", "x0_attacked"):  # batch means: summed in 2 halves
         np.testing.assert_allclose(two["robustness"]["attack"][k],
                                    results["robustness"]["attack"][k], rtol=1e-5)
+    # perturbed sampling: the attack's gradient steps amplify the float32 rounding of the
+    # per-device convolutions (other tilings of 3 images than of 6) in the untrained network;
+    # measured 4.6e-5 relative at XLA's fast-compile level, 1e-5 at the default one
     for a, b in zip(two["robustness"]["sampling"]["rows"],
                     results["robustness"]["sampling"]["rows"]):
-        assert a["fd_mnist"] == pytest.approx(b["fd_mnist"], rel=1e-5)
-
-
-def test_robustness_default_t_grid_follows_the_runs_T(tiny_run, mnist_data_dir, tmp_path):
-    res = report.evaluate_workdir(
-        str(tiny_run), metrics=("robustness",), samplers=("ddim",), nfes=(2,), num_samples=2,
-        batch_size=2, data_dir=str(mnist_data_dir), robustness_radii=(0.0, 0.1),
-        robustness_pgd_steps=1, robustness_images=2, robustness_sizes=(),
-        out_file=tmp_path / "results.json")
-    a = res["robustness"]["attack"]
-    assert a["t"] == [5, 20, 50, 80]  # 5/20/50/80 % of configs/tiny.py's T = 100
-    assert np.asarray(a["eps_attacked"]).shape == (4, 2)
-    assert np.all(np.isfinite(a["eps_attacked"]))
+        assert a["fd_mnist"] == pytest.approx(b["fd_mnist"], rel=2e-4)
 
 
 def test_cli_robustness_t_outside_the_chain_is_one_line_error(tiny_run, mnist_data_dir, tmp_path):

@@ -85,18 +85,20 @@ def test_paths_keep_urls_and_make_local_paths_absolute(tmp_path, monkeypatch):
 
 
 def test_train_restore_and_eval_on_a_gs_workdir(fake_gcs, mnist_data_dir, monkeypatch):
+    from clu import metric_writers  # the loop imports it when it trains
+
     from atdiff_jax.eval import mnist_fd, report
     from atdiff_jax.train import loop
 
     root, calls = fake_gcs
     writer_dirs = []
-    create_writer = loop.metric_writers.create_default_writer
+    create_writer = metric_writers.create_default_writer
 
     def fake_writer(logdir, **kwargs):  # TensorBoard writes through TensorFlow's own GCS client
         writer_dirs.append(logdir)
         return create_writer(str(root / logdir[len("gs://"):]), **kwargs)
 
-    monkeypatch.setattr(loop.metric_writers, "create_default_writer", fake_writer)
+    monkeypatch.setattr(metric_writers, "create_default_writer", fake_writer)
     config = runpy.run_path(TINY)["get_config"]()
     config.data.data_dir = str(mnist_data_dir)
     state = loop.train(config, "gs://bucket/runs/tiny")

@@ -1,9 +1,5 @@
 """The jitted training step in-process: non-finite skipping, micro-batching, bf16, several EMA
-rates, and starting from a converted PyTorch checkpoint.
-
-The programs these tests compare are compiled with ``conftest.FAST_COMPILER_OPTIONS`` (LLVM's
-optimisation turned down; half the compile time): each property is checked between programs
-compiled alike, and none of them depends on how LLVM optimises the CPU code."""
+rates, and starting from a converted PyTorch checkpoint."""
 import functools
 import pathlib
 import runpy
@@ -12,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import FAST_COMPILER_OPTIONS
 
 from atdiff_jax.diffusion.objective import denoising_loss
 from atdiff_jax.train import step as step_lib
@@ -34,10 +29,8 @@ def tiny_config(**overrides):
 def make(config):
     exp = build_experiment(config)
     opt = build_optimizer(config)
-    state = jax.jit(functools.partial(init_state, exp, opt),
-                    compiler_options=FAST_COMPILER_OPTIONS)(jax.random.key(0))
-    step = jax.jit(step_lib.make_train_step(exp, opt, seed=config.seed, lr_fn=lr_schedule(config)),
-                   compiler_options=FAST_COMPILER_OPTIONS)
+    state = jax.jit(functools.partial(init_state, exp, opt))(jax.random.key(0))
+    step = jax.jit(step_lib.make_train_step(exp, opt, seed=config.seed, lr_fn=lr_schedule(config)))
     return exp, opt, state, step
 
 
@@ -82,10 +75,9 @@ def test_microbatched_gradients_equal_whole_batch_gradients():
 
     delta = 0.05 * jax.random.normal(jax.random.key(4), x.shape)
     whole = jax.jit(jax.value_and_grad(functools.partial(loss_mb, mb=batch), argnums=(0, 1),
-                                       has_aux=True), compiler_options=FAST_COMPILER_OPTIONS)
+                                       has_aux=True))
     (l1, aux1), (g1, d1) = whole(state.params, delta, None)
-    micro = jax.jit(step_lib.microbatched_grad_fn(loss_mb, batch, 4),
-                    compiler_options=FAST_COMPILER_OPTIONS)
+    micro = jax.jit(step_lib.microbatched_grad_fn(loss_mb, batch, 4))
     (l2, aux2), (g2, d2) = micro(state.params, delta, None)
     np.testing.assert_allclose(l2, l1, rtol=1e-6)
     np.testing.assert_allclose(aux2["loss"], aux1["loss"], rtol=1e-6)  # merged back in batch order

@@ -25,7 +25,6 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from clu import metric_writers, periodic_actions
 from jax.experimental import multihost_utils
 
 from atdiff_jax import samplers as samples_lib
@@ -336,6 +335,9 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
         schedule = step_schedule(experiment, steps_done)  # the same on every process
         schedule = _put(schedule, jax.tree.map(lambda _: sharding.replicated(mesh), schedule))
         return jitted_step(state, batch, teacher_params, schedule)
+
+    # clu's writers import TensorFlow (seconds): only training needs them, not restore/sampling
+    from clu import metric_writers, periodic_actions
 
     writer = metric_writers.create_default_writer(
         str(workdir), just_logging=jax.process_index() > 0, asynchronous=False)
