@@ -146,12 +146,46 @@ def test_paired_differences_pair_training_seeds_and_count_wins():
     assert d["ddim", 5]["mean"] == pytest.approx(np.mean(rel))
     assert d["ddim", 5]["std"] == pytest.approx(np.std(rel, ddof=1))
     assert (d["ddim", 5]["n"], d["ddim", 5]["wins"]) == (3, 2)
+    # 95% interval over the 3 seeds: Student's t quantile t(0.975, 2) = 4.302653
+    half = 4.302653 * np.std(rel, ddof=1) / np.sqrt(3)
+    assert d["ddim", 5]["ci95"] == pytest.approx([np.mean(rel) - half, np.mean(rel) + half],
+                                                 rel=1e-6)
+    assert study.mean_std([1.0])["ci95"] is None
+    # the report's cell: mean ± std (95% interval) [wins/n]
+    from atdiff_jax.experiment.render import _fmt_diff
+    assert _fmt_diff(d["ddim", 5]) == "-3.3 ± 25.7 (-67.1, +60.4) [2/3]"
+    assert _fmt_diff({**study.mean_std([4.0]), "wins": 1}) == "+4.0 [1/1]"
     up = study.paired_differences(rows, "fd_mnist", "fast_at", "clean", lower_is_better=False)
     assert up["ddim", 5]["wins"] == 1
     # summarize: per-arm mean +- std over training seeds of the eval-seed means
     s = study.summarize(rows, "fd_mnist")
     assert s["fast_at", "ddim", 5]["values"] == pytest.approx([1.5, 5.0, 0.9, 9.0])
     assert s["clean", "ddim", 5]["std"] == pytest.approx(np.std([2.0, 4.0, 1.0], ddof=1))
+
+
+def test_at_effect_spec_removes_the_sampler_confound_and_sweeps_the_radius(tmp_path):
+    """configs/experiments/mnist_at_effect.py (issue 17): every arm with uniform t, 2,000
+    fine-tuning minibatches (clean_kx 3x), fast AT at radius 0.05/0.1/0.2/0.4 with step = radius;
+    only the arms' own options differ."""
+    spec = study.load_spec(str(ROOT / "configs" / "experiments" / "mnist_at_effect.py"))
+    study.validate_spec(spec)
+    assert tuple(spec.seeds) == (0, 1, 2)
+    configs = {arm: study.arm_config(spec, arm, 0, tmp_path, "data", 10000)
+               for arm in spec.arm_order}
+    assert {a: c.diffusion.schedule_sampler for a, c in configs.items()} == dict.fromkeys(
+        spec.arm_order, "uniform")
+    assert {a: c.train.num_minibatches for a, c in configs.items()} == {
+        **dict.fromkeys(spec.arm_order, 2000), "clean_kx": 6000}
+    radii = {a: (c.adv.max_norm, c.adv.step_size) for a, c in configs.items()
+             if c.adv.kind == "fast"}
+    assert radii == {"fast_at": (0.1, 0.1), "fast_at_r005": (0.05, 0.05),
+                     "fast_at_r02": (0.2, 0.2), "fast_at_r04": (0.4, 0.4)}
+    ref = configs["fast_at"].to_dict()
+    for arm in ("fast_at_r005", "fast_at_r02", "fast_at_r04"):
+        other = configs[arm].to_dict()
+        other["adv"].update(max_norm=0.1, step_size=0.1)
+        assert other == ref, arm
+    assert configs["clean"].adv.kind == "none" and configs["ddpm_ip"].diffusion.input_perturb == 0.1
 
 
 def test_bad_specs_name_the_field(mnist_data_dir, tmp_path):

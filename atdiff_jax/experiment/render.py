@@ -26,7 +26,10 @@ def _fmt(cell: dict | None, spec: str = ".2f") -> str:
 def _fmt_diff(cell: dict | None) -> str:
     if cell is None:
         return ""
-    spread = f" ± {cell['std']:.1f}" if cell["n"] > 1 else ""
+    spread = ""
+    if cell["n"] > 1:
+        lo, hi = cell["ci95"]
+        spread = f" ± {cell['std']:.1f} ({lo:+.1f}, {hi:+.1f})"
     return f"{cell['mean']:+.1f}{spread} [{cell['wins']}/{cell['n']}]"
 
 
@@ -73,8 +76,10 @@ def write_report(spec, root: pathlib.Path, labels: Sequence[str], *, rows: list[
     if table:
         parts += ["## Paired differences in fd_mnist", "",
                   "(arm − reference) / reference in %, per training seed (both saw the same "
-                  "minibatches and noise and start from the same x_T), mean ± std over seeds; "
-                  "[k/n]: the arm is better on k of n seeds. Negative is better.", "",
+                  "minibatches and noise and start from the same x_T), mean ± std over seeds, "
+                  "(lo, hi): the 95% confidence interval of the mean over seeds (Student's t); "
+                  "[k/n]: the arm is better on k of n seeds. Negative is better; an interval "
+                  "that excludes 0 is a difference the seeds resolve.", "",
                   *nfe_table("arm vs reference", "sampler", table, nfes), ""]
     rob = robustness
     if rob:

@@ -13,9 +13,18 @@ import numpy as np
 
 
 def mean_std(v: list[float]) -> dict:
-    """``mean``, sample ``std`` (0 for one value), ``n`` and the ``values`` themselves."""
-    return {"mean": float(np.mean(v)), "std": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0,
-            "n": len(v), "values": v}
+    """``mean``, sample ``std`` (0 for one value), ``n``, the ``values`` themselves and ``ci95``:
+    the 95% confidence interval of the mean over the ``n`` replicates, ``mean ± t(0.975, n-1) *
+    std / sqrt(n)`` (Student's t: a handful of training seeds), ``None`` for one value."""
+    from scipy import stats as scipy_stats   # a dependency of jax
+
+    n, mean = len(v), float(np.mean(v))
+    std = float(np.std(v, ddof=1)) if n > 1 else 0.0
+    ci = None
+    if n > 1:
+        half = float(scipy_stats.t.ppf(0.975, n - 1)) * std / np.sqrt(n)
+        ci = [mean - half, mean + half]
+    return {"mean": mean, "std": std, "n": n, "values": v, "ci95": ci}
 
 
 def _per_seed(rows: list[dict], metric: str) -> dict[tuple[str, str, int, int], float]:
