@@ -37,12 +37,12 @@ import pytest  # noqa: E402
 # (sin/cos expansions round differently: see test_unet's timestep-embedding tolerance). Every run a
 # test compares is compiled alike. ``ATDIFF_TESTS_XLA_OPT=default`` keeps XLA's default level.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-if os.environ.get("ATDIFF_TESTS_XLA_OPT", "fast") not in ("fast", "default"):
-    raise pytest.UsageError("ATDIFF_TESTS_XLA_OPT must be 'fast' or 'default', got "
-                            f"{os.environ['ATDIFF_TESTS_XLA_OPT']!r}")
-if os.environ.get("ATDIFF_TESTS_XLA_OPT", "fast") == "fast" and \
-        FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):   # xdist workers inherit it
-    # after the caller's flags (e.g. the portability check's --xla_cpu_max_isa=AVX2)
+_XLA_OPT = os.environ.get("ATDIFF_TESTS_XLA_OPT", "fast")
+if _XLA_OPT not in ("fast", "default"):
+    raise pytest.UsageError(f"ATDIFF_TESTS_XLA_OPT must be 'fast' or 'default', got {_XLA_OPT!r}")
+if _XLA_OPT == "fast" and FAST_COMPILE not in os.environ.get("XLA_FLAGS", ""):
+    # once (xdist workers inherit it), after the caller's flags (e.g. the portability check's
+    # --xla_cpu_max_isa=AVX2)
     os.environ["XLA_FLAGS"] = " ".join(filter(None, (os.environ.get("XLA_FLAGS"), FAST_COMPILE)))
 
 

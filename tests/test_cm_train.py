@@ -400,10 +400,9 @@ def atdiff(*args, timeout=600, cache_dir=None):
     """test_cli's ``atdiff`` (conftest.FAST_COMPILE: the CLI runs are compared with each other,
     the resume bit for bit against the uninterrupted run), sharing this module's cache."""
     from test_cli import atdiff as cli
-    cache = {} if not cache_dir else {"JAX_COMPILATION_CACHE_DIR": cache_dir,
-                                      "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                                      "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    return cli(*args, timeout=timeout, env_extra=cache)
+    # conftest's cache-everything settings are inherited; only the directory is this module's
+    return cli(*args, timeout=timeout,
+               env_extra={"JAX_COMPILATION_CACHE_DIR": cache_dir} if cache_dir else None)
 
 
 @pytest.fixture(scope="module")

@@ -1255,7 +1255,6 @@ def test_pytest_commands_collect(tmp_path):
     assert "test_local_sh_main_job" in slow and "test_guide_sample" not in slow
 
 
-
 def test_xla_flags_follow_the_suite_compile_level():
     """Run by test_suite_compile_level_switch in both settings (and here in this run's)."""
     from conftest import FAST_COMPILE
@@ -1281,7 +1280,6 @@ def test_suite_compile_level_switch(tmp_path):
                              check=False)
         assert res.returncode == code, (extra, res.stdout[-2000:] + res.stderr[-2000:])
     assert "ATDIFF_TESTS_XLA_OPT must be 'fast' or 'default', got 'O3'" in res.stderr + res.stdout
-
 
 
 # --------------------------------------------------------------------------------------------

