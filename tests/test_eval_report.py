@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from atdiff_jax.eval import report
+from conftest import subprocess_xla_flags
 from test_cli import TINY, atdiff
 
 
@@ -74,7 +75,8 @@ report.evaluate_workdir(
     robustness_sizes=(0.0, 0.1), robustness_samples=6, label="tiny",
     out_file={str(tmp_path / "two.json")!r})
 """
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    env = dict(os.environ,
+               XLA_FLAGS=subprocess_xla_flags("--xla_force_host_platform_device_count=2"),
                JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
     res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600, check=False)

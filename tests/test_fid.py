@@ -35,6 +35,7 @@ import numpy as np
 import pytest
 
 from atdiff_jax.convert import inception as conv
+from conftest import subprocess_xla_flags
 from atdiff_jax.eval import fid
 from atdiff_jax.models.inception import InceptionV3, resize_bilinear_tf_legacy
 
@@ -153,7 +154,8 @@ def test_features_on_several_devices(inception_params, converted):
         np.save({str(converted[0].parent / 'feats4.npy')!r}, fid_features(p, imgs, batch_size=2))
     """)
     np.save(converted[0].parent / "imgs.npy", imgs)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4",
+    env = dict(os.environ,
+               XLA_FLAGS=subprocess_xla_flags("--xla_force_host_platform_device_count=4"),
                JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="2")
     res = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True,
                          text=True, timeout=600, check=False)

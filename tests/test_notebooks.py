@@ -25,6 +25,8 @@ import pytest
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
 
+from conftest import subprocess_xla_flags
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOKS = ROOT / "notebooks"
 KERNEL = "atdiff-notebook-test"
@@ -64,12 +66,10 @@ def run_notebook(name: str, jupyter_path, *, devices: int, **env_vars) -> nbform
     """Executes notebooks/<name> (cwd notebooks/, like Jupyter) and returns the executed copy."""
     nb = nbformat.read(NOTEBOOKS / name, as_version=4)
     env = dict(os.environ)
-    # The tiny programs run for milliseconds; their compilation is what takes time, and XLA:CPU
-    # compiles ~30% faster without its LLVM optimisations.
+    # The suite's XLA_FLAGS (conftest.FAST_COMPILE after the caller's) and the simulated devices.
     env.update({"JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "2",
-                "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} "
-                             "--xla_backend_optimization_level=0 "
-                             "--xla_llvm_disable_expensive_passes=true"})
+                "XLA_FLAGS": subprocess_xla_flags(
+                    f"--xla_force_host_platform_device_count={devices}")})
     env.update({k: str(v) for k, v in env_vars.items()})
     client = NotebookClient(nb, timeout=900, startup_timeout=120, kernel_name=KERNEL,
                             resources={"metadata": {"path": str(NOTEBOOKS)}})
