@@ -220,7 +220,8 @@ def test_paired_bootstrap_over_the_generated_set():
     # the report's cell: mean ± std (t interval) {bootstrap interval} [wins/n]
     cell = {**study.mean_std([-25.0, 25.0, -10.0]), "wins": 2, "boot95": [-5.04, 1.2]}
     assert _fmt_diff(cell) == "-3.3 ± 25.7 (-67.1, +60.4) {-5.0, +1.2} [2/3]"
-    assert _fmt_diff({**study.mean_std([4.0]), "wins": 1, "boot95": [2, 6]}) == "+4.0 {+2.0, +6.0} [1/1]"
+    one = {**study.mean_std([4.0]), "wins": 1, "boot95": [2, 6]}
+    assert _fmt_diff(one) == "+4.0 {+2.0, +6.0} [1/1]"
 
 
 def test_bootstrap_differences_of_rows_resample_each_run_once():

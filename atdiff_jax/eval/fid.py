@@ -229,7 +229,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
 
 
 def frechet_distance_to(mu2: np.ndarray, sigma2: np.ndarray):
-    """``(mu1, sigma1) -> frechet_distance(mu1, sigma1, mu2, sigma2)`` for a fixed ``N(mu2, sigma2)``.
+    """``(mu1, sigma1) -> frechet_distance(mu1, sigma1, mu2, sigma2)``, ``N(mu2, sigma2)`` fixed.
 
     For many distances to one reference (the bootstrap of :mod:`atdiff_jax.experiment.stats`):
     ``R2 = sigma2^{1/2}`` is computed once, and ``tr((S1 S2)^{1/2})`` is the sum of the square
