@@ -250,6 +250,29 @@ def test_bootstrap_differences_of_rows_resample_each_run_once():
     assert len(loads) == len(set(loads)) == 11   # clean's runs once for both comparisons
 
 
+def test_report_says_which_cells_have_no_bootstrap(tmp_path):
+    """Cells evaluated before features were saved: the report still renders, without their
+    bootstrap bracket, and says so; results.json has boot95 None there."""
+    target, ref, _ = _gaussian_cells(seeds=1)
+    rows = [{"label": lb, "seed": 0, "eval_seed": 0, "sampler": "ddim", "nfe": nfe,
+             "num_samples": 300, "fd_mnist": fd, "confidence": 0.5}
+            for nfe in (5, 10) for lb, fd in (("clean", 2.0), ("fast_at", 1.0))]
+    feats = {"clean": ref[0], "fast_at": ref[0] - 0.1}
+    boot = study.bootstrap_differences(
+        rows, [("fast_at", "clean")],
+        lambda r: feats[r["label"]] if r["nfe"] == 5 else None, target, draws=10)
+    spec = smoke_spec(tmp_path)
+    study.write_report(spec, tmp_path, ["clean", "fast_at"], rows=rows, robustness=[],
+                       extra={}, bootstrap=boot)
+    text = (tmp_path / "report.md").read_text()
+    lo, hi = boot["fast_at", "clean"]["ddim", 5]["boot95"]
+    row = f"| fast_at vs clean | ddim | -50.0 {{{lo:+.1f}, {hi:+.1f}}} [1/1] | -50.0 [1/1] |"
+    assert row in text
+    assert "No bootstrap interval in 1 cell(s)" in text
+    paired = json.loads((tmp_path / "results.json").read_text())["paired"]["fast_at|clean"]
+    assert paired["ddim|10"]["boot95"] is None and paired["ddim|5"]["bootstrap_draws"] == 10
+
+
 def test_at_effect_spec_removes_the_sampler_confound_and_sweeps_the_radius(tmp_path):
     """configs/experiments/mnist_at_effect.py (issue 17): every arm with uniform t, 2,000
     fine-tuning minibatches (clean_kx 3x), fast AT at radius 0.05/0.1/0.2/0.4 with step = radius;
