@@ -24,7 +24,7 @@ def results(tiny_run, mnist_data_dir):
         str(tiny_run), metrics=("fd_mnist", "robustness"), samplers=("ddim", "es"), nfes=(2, 3),
         num_samples=12, batch_size=6, data_dir=str(mnist_data_dir),  # robustness_t: the default
         robustness_radii=(0.0, 0.05, 0.1), robustness_pgd_steps=3, robustness_images=4,
-        robustness_sizes=(0.0, 0.1), robustness_samples=6, label="tiny")
+        robustness_sizes=(0.0, 0.1), robustness_samples=6, label="tiny", save_features=True)
 
 
 def test_results_json_has_every_cell(results, tiny_run):
@@ -36,6 +36,22 @@ def test_results_json_has_every_cell(results, tiny_run):
         # an untrained model's samples are far from MNIST: the distance is large and finite
         assert np.isfinite(r["fd_mnist"]) and r["fd_mnist"] > 1.0
         assert 0.0 < r["confidence"] <= 1.0
+
+
+def test_saved_features_give_the_rows_fd_mnist(results, tiny_run, mnist_data_dir):
+    """save_features: each row's classifier features beside results.json; fd_mnist is their
+    distance to the reference (computed once, from these features)."""
+    from atdiff_jax.eval.fid import feature_statistics, frechet_distance
+    saved = json.loads((tiny_run / "eval" / "2" / "results.json").read_text())
+    assert saved["features_file"] == "results.features.npz"
+    with np.load(tiny_run / "eval" / "2" / "results.features.npz") as f:
+        assert sorted(f.files) == ["ddim_2", "ddim_3", "es_2", "es_3"]
+        feats = {k: f[k] for k in f.files}
+    ref = report.mnist_reference(str(mnist_data_dir))
+    for r in saved["rows"]:
+        x = feats[f"{r['sampler']}_{r['nfe']}"]
+        assert x.shape == (12, 128) and x.dtype == np.float32
+        assert frechet_distance(*feature_statistics(x), *ref) == r["fd_mnist"]
 
 
 def test_robustness_section(results):
@@ -134,6 +150,9 @@ def test_bad_arguments_are_named(tiny_run, mnist_data_dir):
         report.evaluate_workdir(str(tiny_run), nfes=(0,), data_dir=str(mnist_data_dir))
     with pytest.raises(report.EvalError, match="convert inception"):
         report.evaluate_workdir(str(tiny_run), metrics=("fid",), inception="/nonexistent",
+                                data_dir=str(mnist_data_dir))
+    with pytest.raises(report.EvalError, match="save_features .* needs metrics to include"):
+        report.evaluate_workdir(str(tiny_run), metrics=("robustness",), save_features=True,
                                 data_dir=str(mnist_data_dir))
 
 

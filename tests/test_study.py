@@ -84,6 +84,14 @@ def test_smoke_experiment_writes_every_stage(smoke):
     assert d["mean"] == pytest.approx(100 * (fd["fast_at"] - fd["clean"]) / fd["clean"])
     assert d["wins"] == int(fd["fast_at"] < fd["clean"]) and d["n"] == 1
     assert "| fast_at vs clean_kx@wallclock | ddim |" in text
+    # the bootstrap over each cell's saved features (spec.eval.bootstrap resamples)
+    assert d["bootstrap_draws"] == spec.eval.bootstrap == 20
+    lo, hi = d["boot95"]
+    assert lo <= hi and f"{{{lo:+.1f}, {hi:+.1f}}} [{d['wins']}/1]" in text
+    assert "{lo, hi}: the 95% bootstrap interval over the generated samples" in text
+    assert "No bootstrap interval" not in text
+    feats = np.load(root / "eval" / "fast_at" / "seed0" / "ddim_e0.features.npz")["ddim_3"]
+    assert feats.shape == (spec.eval.num_samples, 128)
     # the floor of one cell: N real training images against the same reference, 5 draws
     floor = results["cell_floor"]
     assert floor["num_samples"] == spec.eval.num_samples and floor["n"] == 5
@@ -163,6 +171,108 @@ def test_paired_differences_pair_training_seeds_and_count_wins():
     assert s["clean", "ddim", 5]["std"] == pytest.approx(np.std([2.0, 4.0, 1.0], ddof=1))
 
 
+def _gaussian_cells(seeds=3, n=300, dim=8, shift=0.5):
+    """Synthetic features: the target N(0, I) (from 20,000 draws) and, per seed, n samples of a
+    model N(shift * 1, I), whose fd to the target is about dim * shift^2."""
+    rng = np.random.default_rng(123)
+    from atdiff_jax.eval.fid import feature_statistics
+    target = feature_statistics(rng.normal(size=(20000, dim)))
+    return target, [rng.normal(size=(n, dim)) + shift for _ in range(seeds)], rng
+
+
+def test_paired_bootstrap_over_the_generated_set():
+    from atdiff_jax.eval.fid import feature_statistics, frechet_distance
+    from atdiff_jax.experiment.render import _fmt_diff
+    from atdiff_jax.experiment.stats import bootstrap_fd, bootstrap_indices
+    target, ref, rng = _gaussian_cells()
+    # The same model, other samples: the interval holds 0; its width is the sampling noise of
+    # the sample means, 2 * 1.96 * sqrt(2 / 3) * 2|m| / sqrt(n) / |m|^2 = 26% here.
+    same = [rng.normal(size=x.shape) + 0.5 for x in ref]
+    b = study.paired_bootstrap(same, ref, target, draws=200)
+    lo, hi = b["boot95"]
+    assert b["draws"] == 200 and lo < 0 < hi and 15 < hi - lo < 40, b
+    # an arm further from the target (mean 0.7: fd ~ 3.9 against ~2) or nearer (0.3: ~0.7)
+    worse = study.paired_bootstrap([x + 0.2 for x in ref], ref, target, draws=200)["boot95"]
+    better = study.paired_bootstrap([x - 0.2 for x in ref], ref, target, draws=200)["boot95"]
+    assert 80 < worse[0] < worse[1] < 115 and -75 < better[0] < better[1] < -50, (worse, better)
+    # Paired: an arm equal to its reference up to a tiny perturbation has a tiny interval; with
+    # independent resamples of the two (unpaired) the same data give a 100x wider one.
+    near = [x + 1e-3 * rng.normal(size=x.shape) for x in ref]
+    lo, hi = study.paired_bootstrap(near, ref, target, draws=200)["boot95"]
+    idx_a, idx_b = (bootstrap_indices(300, 200, 0, (k,)) for k in (0, 1))
+    unpaired = np.percentile(100 * (bootstrap_fd(near[0], target, idx_a)
+                                    / bootstrap_fd(ref[0], target, idx_b) - 1), [2.5, 97.5])
+    assert hi - lo < 0.05 and unpaired[1] - unpaired[0] > 100 * (hi - lo), (lo, hi, unpaired)
+    # reproducible from its seed; another seed, other resamples
+    again = study.paired_bootstrap(near, ref, target, draws=200)["boot95"]
+    assert again == [lo, hi]
+    assert study.paired_bootstrap(near, ref, target, draws=200, seed=1)["boot95"] != [lo, hi]
+    # the definition, with the exact frechet_distance: percentiles of the mean over seeds
+    arm = [x + 0.2 for x in ref]
+    fd = lambda x: frechet_distance(*feature_statistics(x), *target)  # noqa: E731
+    rel = [[100 * (fd(a[i]) - fd(r[i])) / fd(r[i]) for i in bootstrap_indices(300, 7, 5, (j,))]
+           for j, (a, r) in enumerate(zip(arm, ref))]
+    want = np.percentile(np.mean(rel, axis=0), [2.5, 97.5])
+    got = study.paired_bootstrap(arm, ref, target, draws=7, seed=5)["boot95"]
+    np.testing.assert_allclose(got, want, rtol=1e-9)
+    with pytest.raises(ValueError, match="not paired"):
+        study.paired_bootstrap([ref[0][:-1]], [ref[0]], target, draws=2)
+    # the report's cell: mean ± std (t interval) {bootstrap interval} [wins/n]
+    cell = {**study.mean_std([-25.0, 25.0, -10.0]), "wins": 2, "boot95": [-5.04, 1.2]}
+    assert _fmt_diff(cell) == "-3.3 ± 25.7 (-67.1, +60.4) {-5.0, +1.2} [2/3]"
+    one = {**study.mean_std([4.0]), "wins": 1, "boot95": [2, 6]}
+    assert _fmt_diff(one) == "+4.0 {+2.0, +6.0} [1/1]"
+
+
+def test_bootstrap_differences_of_rows_resample_each_run_once():
+    target, ref, rng = _gaussian_cells(seeds=2)
+    feats = {("clean", s): x for s, x in enumerate(ref)}
+    feats.update({("fast_at", s): x + 0.2 for s, x in enumerate(ref)})
+    feats.update({("ddpm_ip", s): x - 0.1 for s, x in enumerate(ref)})
+    rows = [{"label": lb, "seed": s, "eval_seed": 0, "sampler": "ddim", "nfe": 5,
+             "num_samples": 300, "fd_mnist": 1.0} for lb, s in feats]
+    # a second cell whose fast_at features were not saved (evaluated by an older version)
+    rows += [dict(r, nfe=10) for r in rows]
+    loads = []
+
+    def features(row):
+        loads.append((row["label"], row["seed"], row["nfe"]))
+        return None if (row["label"], row["nfe"]) == ("fast_at", 10) else feats[row["label"],
+                                                                                row["seed"]]
+
+    out = study.bootstrap_differences(rows, [("fast_at", "clean"), ("ddpm_ip", "clean")],
+                                      features, target, draws=50)
+    want = study.paired_bootstrap([feats["fast_at", s] for s in (0, 1)], ref, target, draws=50,
+                                  keys=[(1,), (2,)])
+    assert out["fast_at", "clean"] == {("ddim", 5): want}
+    assert set(out["ddpm_ip", "clean"]) == {("ddim", 5), ("ddim", 10)}
+    assert out["ddpm_ip", "clean"]["ddim", 5]["boot95"][1] < 0
+    assert len(loads) == len(set(loads)) == 11   # clean's runs once for both comparisons
+
+
+def test_report_says_which_cells_have_no_bootstrap(tmp_path):
+    """Cells evaluated before features were saved: the report still renders, without their
+    bootstrap bracket, and says so; results.json has boot95 None there."""
+    target, ref, _ = _gaussian_cells(seeds=1)
+    rows = [{"label": lb, "seed": 0, "eval_seed": 0, "sampler": "ddim", "nfe": nfe,
+             "num_samples": 300, "fd_mnist": fd, "confidence": 0.5}
+            for nfe in (5, 10) for lb, fd in (("clean", 2.0), ("fast_at", 1.0))]
+    feats = {"clean": ref[0], "fast_at": ref[0] - 0.1}
+    boot = study.bootstrap_differences(
+        rows, [("fast_at", "clean")],
+        lambda r: feats[r["label"]] if r["nfe"] == 5 else None, target, draws=10)
+    spec = smoke_spec(tmp_path)
+    study.write_report(spec, tmp_path, ["clean", "fast_at"], rows=rows, robustness=[],
+                       extra={}, bootstrap=boot)
+    text = (tmp_path / "report.md").read_text()
+    lo, hi = boot["fast_at", "clean"]["ddim", 5]["boot95"]
+    row = f"| fast_at vs clean | ddim | -50.0 {{{lo:+.1f}, {hi:+.1f}}} [1/1] | -50.0 [1/1] |"
+    assert row in text
+    assert "No bootstrap interval in 1 cell(s)" in text
+    paired = json.loads((tmp_path / "results.json").read_text())["paired"]["fast_at|clean"]
+    assert paired["ddim|10"]["boot95"] is None and paired["ddim|5"]["bootstrap_draws"] == 10
+
+
 def test_at_effect_spec_removes_the_sampler_confound_and_sweeps_the_radius(tmp_path):
     """configs/experiments/mnist_at_effect.py (issue 17): every arm with uniform t, 2,000
     fine-tuning minibatches (clean_kx 3x), fast AT at radius 0.05/0.1/0.2/0.4 with step = radius;
@@ -200,6 +310,12 @@ def test_bad_specs_name_the_field(mnist_data_dir, tmp_path):
     spec.eval.samplers = ("ddim", "heun")
     with pytest.raises(study.StudyError, match="spec.eval.samplers must be from"):
         study.validate_spec(spec)
+    for bad in (-1, 2.5, True):
+        spec = smoke_spec(mnist_data_dir)
+        del spec.eval["bootstrap"]          # an int field takes no float
+        spec.eval.bootstrap = bad
+        with pytest.raises(study.StudyError, match=r"spec.eval.bootstrap must be an integer >= 0"):
+            study.validate_spec(spec)
     spec = smoke_spec(mnist_data_dir)
     spec.wallclock.reference = "pgd_at"   # not in this arm_order
     with pytest.raises(study.StudyError, match="spec.wallclock.reference='pgd_at'"):

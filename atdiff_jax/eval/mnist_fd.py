@@ -12,7 +12,8 @@ linear logits layer, like InceptionV3's pool3 in FID) of
 * :func:`mnist_feature_distance` -- Frechet distance (float64) between two image sets, or an image
   set and cached statistics.
 * :func:`classifier_precision` -- mean max-softmax confidence, fraction of confident samples and
-  the predicted-class histogram (mode coverage).
+  the predicted-class histogram (mode coverage); :func:`precision_from_logits` the same from
+  logits already computed (one classifier pass for features and confidence).
 * :func:`reference_stats` -- ``(mu, sigma)`` of real images (a seeded random subset of a
   split), cached in an ``.npz``.
 * :func:`real_data_floor` -- the distance between two disjoint real sets of the same size: what
@@ -59,6 +60,7 @@ __all__ = [
     "classifier_precision",
     "load_classifier",
     "mnist_feature_distance",
+    "precision_from_logits",
     "real_data_floor",
     "reference_images",
     "reference_stats",
@@ -277,6 +279,21 @@ def classifier_precision(samples: Any, *, params: Any = None, threshold: float =
 
     Args:
       samples: images ``[N, 32, 32, 1]`` (uint8 in ``[0, 255]`` or float in ``[-1, 1]``), N >= 1.
+      threshold, mode_min_fraction: see :func:`precision_from_logits`.
+    Returns:
+      :func:`precision_from_logits` of the classifier's logits of ``samples``.
+    """
+    logits, _ = classifier_outputs(samples, params, batch_size=batch_size)
+    return precision_from_logits(logits, threshold=threshold,
+                                 mode_min_fraction=mode_min_fraction)
+
+
+def precision_from_logits(logits: np.ndarray, *, threshold: float = 0.9,
+                          mode_min_fraction: float = 0.025) -> dict[str, Any]:
+    """:func:`classifier_precision` of ``[N, 10]`` classifier logits (:func:`classifier_outputs`).
+
+    Args:
+      logits: ``[N, 10]``, N >= 1.
       threshold: confidence above which a sample counts as confident.
       mode_min_fraction: a class counts as covered when at least this fraction of the samples
         is predicted as it (default 0.025: a quarter of the uniform share 1/10).
@@ -287,11 +304,10 @@ def classifier_precision(samples: Any, *, params: Any = None, threshold: float =
       ``class_kl_uniform`` (KL(histogram || uniform) in nats; 0 = balanced, log 10 = one class),
       ``num_samples``.
     """
-    logits, _ = classifier_outputs(samples, params, batch_size=batch_size)
     n = len(logits)
     if n == 0:
         raise ValueError("classifier_precision needs at least one sample")
-    z = logits.astype(np.float64)
+    z = np.asarray(logits).astype(np.float64)
     probs = np.exp(z - z.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     conf = probs.max(-1)

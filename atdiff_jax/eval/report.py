@@ -12,7 +12,10 @@ One protocol everywhere (the FID protocol of the docs):
   convert inception``) of the samples against the statistics of the run's whole training split
   (cached under ``stats_dir``), Fréchet distance in float64.
 * **fd_mnist**: the same distance in the feature space of the shipped MNIST classifier against
-  10,000 random test images, plus the classifier's mean confidence (MNIST runs only).
+  10,000 random test images, plus the classifier's mean confidence (MNIST runs only; one
+  classifier pass gives both). With ``save_features`` the samples' 128-d features are kept
+  beside the results (:func:`features_path`) for a bootstrap over the generated set
+  (:func:`atdiff_jax.experiment.stats.paired_bootstrap`).
 * **robustness**: the PGD denoiser attack over a grid of (t, radius) on test images, and the
   MNIST feature distance of DDIM samples whose intermediate states are perturbed (Gaussian and
   adversarial), see :mod:`atdiff_jax.eval.robustness`.
@@ -149,6 +152,15 @@ def _robustness(model, params, experiment, config, data_dir: str, *, seed: int,
     return out
 
 
+def features_path(results_file: str | os.PathLike) -> epath.Path:
+    """The features file beside a results file: ``<dir>/<stem>.features.npz`` (``results.json``
+    -> ``results.features.npz``), one float32 ``[num_samples, 128]`` array per row, keyed
+    ``"<sampler>_<nfe>"``: the MNIST classifier features of that row's samples, in sample order
+    (sample ``i`` of every model starts from the same x_T)."""
+    p = epath.Path(results_file)
+    return p.with_name(p.name.removesuffix(".json") + ".features.npz")
+
+
 def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
                      samplers: Sequence[str] = ("ddim",), nfes: Sequence[int] = (10,),
                      num_samples: int = 1000, seed: int = 0, step: int | None = None,
@@ -162,7 +174,8 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
                      robustness_images: int = 64,
                      robustness_sizes: Sequence[float] = (0.0, 0.05, 0.1),
                      robustness_samples: int = 500, label: str | None = None,
-                     out_file: str | os.PathLike | None = None) -> dict:
+                     out_file: str | os.PathLike | None = None,
+                     save_features: bool = False) -> dict:
     """Evaluates one run and writes ``<workdir>/eval/<step>/results.json`` (or ``out_file``);
     returns the results.
 
@@ -172,10 +185,15 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
     :func:`atdiff_jax.eval.robustness.attack_timesteps`). MNIST runs whose models are
     not 32x32 are scored by ``fd_mnist`` after a bilinear resize to 32x32.
 
+    ``save_features`` (needs ``fd_mnist``) also writes the classifier features ``fd_mnist`` was
+    computed from to :func:`features_path` of the results file (before the results file, whose
+    ``features_file`` then names it); ``fd_mnist`` is
+    ``frechet_distance(*feature_statistics(features), *mnist_reference(data_dir))`` of them.
+
     Raises:
       EvalError: unknown metric/sampler, NFE < 1, a metric that does not apply to the run
-        (``fd_mnist`` on another dataset), missing Inception weights for ``fid``, or a
-        ``robustness_t`` outside [0, T).
+        (``fd_mnist`` on another dataset), missing Inception weights for ``fid``, a
+        ``robustness_t`` outside [0, T), or ``save_features`` without ``fd_mnist``.
     """
     from atdiff_jax.eval.robustness import attack_timesteps
     from atdiff_jax.train.checkpoint import create_manager
@@ -187,6 +205,9 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
         raise EvalError(f"nfe must be a non-empty list of integers >= 1, got {list(nfes)}")
     if num_samples < 2:
         raise EvalError(f"num_samples must be >= 2 (a covariance needs two), got {num_samples}")
+    if save_features and "fd_mnist" not in metrics:
+        raise EvalError("save_features keeps the fd_mnist features: it needs metrics to include "
+                        f"fd_mnist, got {list(metrics)}")
     model, params, experiment, config = restore_for_sampling(workdir, step=step,
                                                              ema_rate=ema_rate)
     if "cm" in config and config.cm.kind != "none":
@@ -219,7 +240,7 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
                                  stats_dir or str(epath.Path(data_dir) / "fid_stats"),
                                  fid_reference_num)
 
-    rows = []
+    rows, features = [], {}
     for sampler in samplers:
         for nfe in nfes:
             t0 = time.perf_counter()
@@ -228,11 +249,15 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
             row = {"sampler": sampler, "nfe": int(nfe), "num_samples": num_samples,
                    "sample_seconds": time.perf_counter() - t0}
             if "fd_mnist" in metrics:
-                from atdiff_jax.eval.mnist_fd import classifier_precision, mnist_feature_distance
-                row["fd_mnist"] = mnist_feature_distance(_at_32(imgs), mnist_ref)
-                prec = classifier_precision(_at_32(imgs))
+                from atdiff_jax.eval.fid import feature_statistics, frechet_distance
+                from atdiff_jax.eval.mnist_fd import classifier_outputs, precision_from_logits
+                logits, feats = classifier_outputs(_at_32(imgs))
+                row["fd_mnist"] = frechet_distance(*feature_statistics(feats), *mnist_ref)
+                prec = precision_from_logits(logits)
                 row["confidence"] = prec["mean_confidence"]
                 row["frac_confident"] = prec["frac_confident"]
+                if save_features:
+                    features[f"{sampler}_{int(nfe)}"] = np.asarray(feats, np.float32)
             if "fid" in metrics:
                 from atdiff_jax.eval.fid import feature_statistics, fid_features, frechet_distance
                 # grey images are repeated to RGB inside the network
@@ -249,8 +274,12 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
             radii=robustness_radii, norm=robustness_norm, pgd_steps=robustness_pgd_steps,
             num_images=robustness_images, sample_sizes=robustness_sizes,
             num_samples=robustness_samples, mnist_ref=mnist_ref, batch_size=batch_size)
-    write_json(out_file or workdir_path(workdir) / "eval" / str(results["step"]) / "results.json",
-               results)
+    path = out_file or workdir_path(workdir) / "eval" / str(results["step"]) / "results.json"
+    if save_features:   # first: a results file that names its features file has it
+        feat_path = features_path(path)
+        write_atomic(feat_path, lambda f: np.savez(f, **features))
+        results["features_file"] = feat_path.name
+    write_json(path, results)
     return results
 
 

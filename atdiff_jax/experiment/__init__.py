@@ -2,7 +2,8 @@
 
 * ``runner``: the spec (``configs/experiments/*.py``), its stages (pretrain, gate, timing, arms,
   evaluation) in one resumable root directory, and the equal wall-clock timing;
-* ``stats``: per-seed means, mean ± std over training seeds, paired differences;
+* ``stats``: per-seed means, mean ± std over training seeds, paired differences and their
+  bootstrap over the generated samples;
 * ``render``: ``report.md``, ``results.json`` and the plots.
 """
 from atdiff_jax.experiment.render import write_report
@@ -18,8 +19,16 @@ from atdiff_jax.experiment.runner import (
     run_experiment,
     validate_spec,
 )
-from atdiff_jax.experiment.stats import comparisons, mean_std, paired_differences, summarize
+from atdiff_jax.experiment.stats import (
+    bootstrap_differences,
+    comparisons,
+    mean_std,
+    paired_bootstrap,
+    paired_differences,
+    summarize,
+)
 
 __all__ = ["Run", "StudyError", "StudyInterrupted", "apply_overrides", "arm_config",
-           "cell_floor", "comparisons", "load_spec", "mean_std", "measure_step_seconds",
-           "paired_differences", "run_experiment", "summarize", "validate_spec", "write_report"]
+           "bootstrap_differences", "cell_floor", "comparisons", "load_spec", "mean_std",
+           "measure_step_seconds", "paired_bootstrap", "paired_differences", "run_experiment",
+           "summarize", "validate_spec", "write_report"]

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from atdiff_jax.eval.report import nfe_axis, nfe_table, pyplot, save_figure, write_json
-from atdiff_jax.experiment.stats import comparisons, mean_std, paired_differences, summarize
+from atdiff_jax.experiment.stats import (DEFAULT_BOOTSTRAP, comparisons, mean_std,
+                                         paired_differences, summarize)
 from atdiff_jax.samplers import EVAL_SAMPLERS
 
 
@@ -24,20 +25,29 @@ def _fmt(cell: dict | None, spec: str = ".2f") -> str:
 
 
 def _fmt_diff(cell: dict | None) -> str:
+    """``mean ± std (t lo, hi) {bootstrap lo, hi} [wins/n]`` of a paired difference; the std and
+    t interval need two seeds, the bootstrap interval saved features (``boot95``)."""
     if cell is None:
         return ""
     spread = ""
     if cell["n"] > 1:
         lo, hi = cell["ci95"]
         spread = f" ± {cell['std']:.1f} ({lo:+.1f}, {hi:+.1f})"
+    if cell.get("boot95"):
+        lo, hi = cell["boot95"]
+        spread += f" {{{lo:+.1f}, {hi:+.1f}}}"
     return f"{cell['mean']:+.1f}{spread} [{cell['wins']}/{cell['n']}]"
 
 
 def write_report(spec, root: pathlib.Path, labels: Sequence[str], *, rows: list[dict],
-                 robustness: list[dict], extra: dict) -> pathlib.Path:
+                 robustness: list[dict], extra: dict, bootstrap: dict | None = None
+                 ) -> pathlib.Path:
     """``<root>/report.md`` + ``results.json`` + plots of the evaluation cells' ``rows`` and
     ``robustness`` results (``runner.collect_rows``, ``runner.robustness_rows``); ``extra``: the
-    gate, timing, wall time and floor of the run, stored in results.json as they are."""
+    gate, timing, wall time and floor of the run, stored in results.json as they are;
+    ``bootstrap``: ``stats.bootstrap_differences`` of the comparisons (None: off), merged into
+    the paired differences as ``boot95`` (None where a cell has no saved features) and
+    ``bootstrap_draws``."""
     nfes = sorted({r["nfe"] for r in rows})
     samplers = [s for s in EVAL_SAMPLERS if any(r["sampler"] == s for r in rows)]
     present = [lb for lb in labels if any(r["label"] == lb for r in rows)]
@@ -67,20 +77,41 @@ def write_report(spec, root: pathlib.Path, labels: Sequence[str], *, rows: list[
         table = [(s, lb, [_fmt(summ.get((lb, s, n))) for n in nfes])
                  for s in samplers for lb in present if any((lb, s, n) in summ for n in nfes)]
         parts += [f"## {title}", "", *nfe_table("sampler", "arm", table, nfes), ""]
-    paired, table = {}, []
+    paired, table, no_boot = {}, [], 0
     for a, b in comparisons(spec, present):
         d = paired_differences(rows, "fd_mnist", a, b)
+        if bootstrap is not None:
+            boot = bootstrap.get((a, b), {})
+            for k, v in d.items():
+                v["boot95"] = boot[k]["boot95"] if k in boot else None
+                v["bootstrap_draws"] = boot[k]["draws"] if k in boot else 0
+                no_boot += k not in boot
         paired[f"{a}|{b}"] = {"|".join(map(str, k)): v for k, v in d.items()}
         table += [(f"{a} vs {b}", s, [_fmt_diff(d.get((s, n))) for n in nfes])
                   for s in samplers if any((s, n) in d for n in nfes)]
     if table:
+        draws = int(spec.eval.get("bootstrap", DEFAULT_BOOTSTRAP))
         parts += ["## Paired differences in fd_mnist", "",
                   "(arm − reference) / reference in %, per training seed (both saw the same "
-                  "minibatches and noise and start from the same x_T), mean ± std over seeds, "
-                  "(lo, hi): the 95% confidence interval of the mean over seeds (Student's t); "
-                  "[k/n]: the arm is better on k of n seeds. Negative is better; an interval "
-                  "that excludes 0 is a difference the seeds resolve.", "",
-                  *nfe_table("arm vs reference", "sampler", table, nfes), ""]
+                  "minibatches and noise and start from the same x_T), mean ± std over seeds. "
+                  "Negative is better.", "",
+                  *nfe_table("arm vs reference", "sampler", table, nfes), "",
+                  "(lo, hi): the 95% confidence interval of the mean over training seeds "
+                  "(Student's t): excluding 0, a difference the seeds resolve. " + (
+                      f"{{lo, hi}}: the 95% bootstrap interval over the generated samples "
+                      f"(2.5/97.5 percentiles of the mean over seeds in {draws} resamples of "
+                      "each cell's samples, the same resample for arm and reference): "
+                      "excluding 0, a difference larger than the sampling noise of "
+                      f"{spec.eval.num_samples} samples, whatever other seeds would do. "
+                      if bootstrap is not None else
+                      "{lo, hi} (the bootstrap over the generated samples) is off "
+                      "(spec.eval.bootstrap = 0). ") +
+                  "[k/n]: the arm is better on k of n seeds.", ""]
+        if no_boot:
+            parts += [f"No bootstrap interval in {no_boot} cell(s): some of their evaluation "
+                      "cells were written before the samples' features were saved "
+                      "(`<sampler>_e<k>.features.npz`); delete those cells' JSON to "
+                      "re-evaluate them.", ""]
     rob = robustness
     if rob:
         parts += ["## Robustness (denoiser attack: attacked eps MSE, mean over seeds)", ""]

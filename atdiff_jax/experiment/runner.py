@@ -11,6 +11,7 @@ The experiment is described by a *spec* (``configs/experiments/mnist.py``; a smo
   <root>/timing.json               seconds per minibatch of clean and fast-AT steps, one process
   <root>/arms/<arm>/seed<s>/       one fine-tuning run per (arm, training seed)
   <root>/eval/<run>/seed<s>/<sampler>_e<k>.json   one evaluation cell (sampler x all NFEs)
+  <root>/eval/<run>/seed<s>/<sampler>_e<k>.features.npz   its samples' classifier features
   <root>/report.md, results.json, *.png           the tables and plots
 
 Stages, in order; each one skips what is already on disk, so rerunning the same command after an
@@ -33,12 +34,16 @@ evaluation cells are reused):
    from the start checkpoint's params and EMA with a fresh optimizer (``config.init.workdir``),
    for ``spec.finetune.num_minibatches * minibatch_factor`` minibatches.
 5. **eval** (after each seed's arms): every sampler of ``spec.eval.samplers`` at every NFE of
-   ``spec.eval.nfes``, for every evaluation seed, plus the robustness evaluation.
+   ``spec.eval.nfes``, for every evaluation seed, plus the robustness evaluation. The classifier
+   features of each cell's samples are kept beside it (``evaluate_workdir(save_features=True)``).
 6. **report**: mean +- std over training seeds (each the mean over evaluation seeds) in the
    paper's layout (rows sampler x arm, columns NFE); the paired per-seed differences of each arm
    against clean, and of AT against equal updates and equal wall-clock
-   (``stats.paired_differences``); the floor of one cell (:func:`cell_floor`); robustness,
-   plots, wall time (``render.write_report``).
+   (``stats.paired_differences``), with a 95% interval over training seeds (Student's t) and one
+   over the generated samples (``stats.bootstrap_differences``: ``spec.eval.bootstrap``
+   resamples of the saved features, 0 = off; cells evaluated before features were saved have
+   none); the floor of one cell (:func:`cell_floor`); robustness, plots, wall time
+   (``render.write_report``).
 
 Arms are given as nested overrides of the fine-tuning config; unknown keys are errors.
 """
@@ -61,7 +66,8 @@ import numpy as np
 
 from atdiff_jax.eval.report import write_json
 from atdiff_jax.experiment.render import write_report
-from atdiff_jax.experiment.stats import mean_std
+from atdiff_jax.experiment.stats import (DEFAULT_BOOTSTRAP, bootstrap_differences, comparisons,
+                                         mean_std)
 from atdiff_jax.samplers import EVAL_SAMPLERS
 
 
@@ -152,6 +158,10 @@ def validate_spec(spec: ml_collections.ConfigDict) -> None:
         raise StudyError(f"spec.eval.nfes must be integers >= 1, got {tuple(spec.eval.nfes)}")
     if not spec.eval.seeds:
         raise StudyError("spec.eval.seeds must not be empty")
+    boot = spec.eval.get("bootstrap", DEFAULT_BOOTSTRAP)
+    if isinstance(boot, bool) or not isinstance(boot, int) or boot < 0:
+        raise StudyError(f"spec.eval.bootstrap must be an integer >= 0 (resamples of the "
+                         f"generated set; 0 = off), got {boot!r}")
     wc = spec.wallclock
     if wc.enabled:
         for key in ("arm", "baseline", "reference"):
@@ -364,7 +374,8 @@ def evaluate(spec, root: pathlib.Path, run: Run, data_dir: str) -> list[pathlib.
             evaluate_workdir(run.workdir, metrics=("fd_mnist",), samplers=(sampler,),
                              nfes=tuple(int(n) for n in e.nfes), num_samples=int(e.num_samples),
                              seed=int(k), step=run.step, data_dir=data_dir,
-                             batch_size=int(e.batch_size), label=run.label, out_file=path)
+                             batch_size=int(e.batch_size), label=run.label, out_file=path,
+                             save_features=True)
     if e.robustness and (run.seed < 0 or run.seed in tuple(e.robustness_seeds)):
         path = base / "robustness.json"
         files.append(path)
@@ -399,16 +410,32 @@ def cell_floor(data_dir: str, num: int, draws: int = 5) -> dict:
 
 
 def collect_rows(root: pathlib.Path) -> list[dict]:
-    """Every evaluation cell on disk as flat rows (see ``stats.py``)."""
+    """Every evaluation cell on disk as flat rows (see ``stats.py``); a cell with saved features
+    gives its rows ``features_file``, the features file's path relative to ``root``."""
     rows = []
     for path in sorted((root / "eval").glob("*/*/*_e*.json")):
         res = json.loads(path.read_text())
         seed = _seed_of(path.parent.name)
         eval_seed = int(path.stem.rsplit("_e", 1)[1])
+        feats = {}
+        if res.get("features_file"):
+            feats = {"features_file": str((path.parent / res["features_file"]).relative_to(root))}
         for r in res["rows"]:
             rows.append({"label": path.parent.parent.name, "seed": seed, "eval_seed": eval_seed,
-                         "step": res["step"], **r})
+                         "step": res["step"], **r, **feats})
     return rows
+
+
+def row_features(root: pathlib.Path):
+    """``row -> float32 [N, 128]`` features of a row's samples (None for a cell evaluated before
+    features were saved), for ``stats.bootstrap_differences``."""
+    def load(row: dict):
+        if "features_file" not in row:
+            return None
+        with np.load(root / row["features_file"]) as f:
+            key = f"{row['sampler']}_{row['nfe']}"
+            return f[key] if key in f.files else None
+    return load
 
 
 def robustness_rows(root: pathlib.Path) -> list[dict]:
@@ -533,14 +560,25 @@ def _run(spec, root, until: str, stop: _StopFlag) -> pathlib.Path:
                 step = _nearest(_all_steps(workdir), extra["wallclock_target"])
                 extra["wallclock_step"] = step
                 evaluate(spec, root, Run(f"{arm}@wallclock", seed, str(workdir), step), data_dir)
-        _report(spec, root, labels, extra)
-    return _report(spec, root, labels, extra)
+        _report(spec, root, labels, extra, data_dir)
+    return _report(spec, root, labels, extra, data_dir)
 
 
-def _report(spec, root: pathlib.Path, labels: list[str], extra: dict) -> pathlib.Path:
+def _report(spec, root: pathlib.Path, labels: list[str], extra: dict, data_dir: str
+            ) -> pathlib.Path:
     """The report of every evaluation cell on disk."""
-    return write_report(spec, root, labels, rows=collect_rows(root),
-                        robustness=robustness_rows(root), extra=extra)
+    rows = collect_rows(root)
+    draws = int(spec.eval.get("bootstrap", DEFAULT_BOOTSTRAP))
+    boot = None
+    if draws:
+        from atdiff_jax.eval.report import mnist_reference
+        t0 = time.perf_counter()
+        boot = bootstrap_differences(rows, comparisons(spec, labels), row_features(root),
+                                     mnist_reference(data_dir), draws=draws)
+        logging.info("experiment: bootstrap (%d resamples) in %.1f s", draws,
+                     time.perf_counter() - t0)
+    return write_report(spec, root, labels, rows=rows, robustness=robustness_rows(root),
+                        extra=extra, bootstrap=boot)
 
 
 def _load_wall(root: pathlib.Path) -> dict:

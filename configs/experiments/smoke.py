@@ -37,4 +37,5 @@ def get_config():
     s.eval.robustness_images = 4
     s.eval.robustness_sizes = (0.0, 0.1)
     s.eval.robustness_samples = 8
+    s.eval.bootstrap = 20
     return s
