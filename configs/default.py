@@ -69,12 +69,17 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---------------------------------------------------------------- optimizer (AdamW)
     c.optim = o = ml_collections.ConfigDict()
-    o.lr = 1e-4                      # learning rate (constant after the warm-up)
+    o.lr = 1e-4                      # peak learning rate (after the warm-up)
     o.weight_decay = 0.0             # decoupled weight decay (torch.optim.AdamW semantics)
     o.b1 = 0.9                       # Adam beta1
     o.b2 = 0.999                     # Adam beta2
     o.eps = 1e-8                     # Adam epsilon
     o.warmup_steps = 0               # linear warm-up over this many optimizer updates
+    o.decay = "none"                 # after the warm-up: "none" (constant lr) | "cosine" |
+                                     # "linear", down to end_lr_factor * lr at decay_steps
+    o.decay_steps = 0                # optimizer updates (warm-up included) at which the
+                                     # decay ends (then constant); needed by a decay
+    o.end_lr_factor = 0.0            # the final lr as a fraction of optim.lr
     o.grad_clip = 0.0                # global-norm clipping; 0 = off (the authors use none)
 
     # ---------------------------------------------------------------- training loop

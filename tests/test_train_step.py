@@ -142,6 +142,64 @@ def test_invalid_config_values_name_the_option(path, value, message):
         validate_config(config)
 
 
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_lr_decays_after_the_warm_up_to_the_end_factor(decay):
+    config = tiny_config()
+    o = config.optim
+    o.lr, o.warmup_steps, o.decay, o.decay_steps, o.end_lr_factor = 1e-3, 10, decay, 110, 0.1
+    validate_config(config)
+    lr = lr_schedule(config)
+    end = 1e-4
+    assert float(lr(0)) == 0.0 and float(lr(5)) == pytest.approx(5e-4, rel=1e-6)
+    assert float(lr(10)) == pytest.approx(1e-3, rel=1e-6)   # the peak, where the decay starts
+    # half-way through the decay: (peak + end) / 2 for both shapes
+    assert float(lr(60)) == pytest.approx((1e-3 + end) / 2, rel=1e-5)
+    # a quarter of the way: linear 3/4 of the span above end; cosine (1 + cos(pi/4)) / 2 of it
+    frac = 0.75 if decay == "linear" else (1 + np.cos(np.pi / 4)) / 2
+    assert float(lr(35)) == pytest.approx(end + frac * (1e-3 - end), rel=1e-5)
+    assert float(lr(110)) == pytest.approx(end, rel=1e-5)
+    assert float(lr(500)) == pytest.approx(end, rel=1e-5)    # constant after decay_steps
+    o.warmup_steps = 0
+    assert float(lr_schedule(config)(0)) == pytest.approx(1e-3)   # no warm-up: starts at the peak
+
+
+def test_lr_without_the_decay_options_is_constant_after_the_warm_up():
+    """The default, and configs written before optim.decay existed (e.g. an old config.json)."""
+    config = tiny_config()
+    config.optim.lr, config.optim.warmup_steps = 1e-3, 4
+    for c in (config, _without(config, "optim.decay", "optim.decay_steps", "optim.end_lr_factor")):
+        validate_config(c)
+        lr = lr_schedule(c)
+        assert [float(lr(n)) for n in (0, 2, 4, 10_000)] == pytest.approx([0, 5e-4, 1e-3, 1e-3])
+
+
+def _without(config, *paths):
+    config = config.copy_and_resolve_references()
+    for path in paths:
+        group, name = path.split(".")
+        del config[group][name]
+    return config
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"decay": "step"}, "config.optim.decay must be one of ('none', 'cosine', 'linear'), got 'step'"),
+    ({"decay": "cosine"}, "config.optim.decay_steps must be an integer > 0, got 0"),
+    ({"decay": "linear", "decay_steps": 50, "warmup_steps": 50},
+     "config.optim.decay_steps (50) must be larger than config.optim.warmup_steps (50): the "
+     "decay follows the warm-up"),
+    ({"decay": "cosine", "decay_steps": 100, "end_lr_factor": 1.5},
+     "config.optim.end_lr_factor must be in [0, 1], got 1.5"),
+    ({"decay": "cosine", "decay_steps": 100, "end_lr_factor": -0.1},
+     "config.optim.end_lr_factor must be a number >= 0, got -0.1"),
+])
+def test_bad_lr_decay_options_name_the_option(values, message):
+    config = tiny_config()
+    config.optim.update(values)
+    with pytest.raises(ConfigError) as e:
+        validate_config(config)
+    assert str(e.value) == message
+
+
 def test_a_run_starts_from_the_pytorch_weights_placed_on_the_mesh(tmp_path):
     torch = pytest.importorskip("torch")
     from atdiff_jax.convert.guided_diffusion import state_dict_from_params

@@ -116,6 +116,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     for path in ("optim.b1", "optim.b2"):
         if not 0 <= _get(config, path) < 1:
             raise ConfigError(f"config.{path} must be in [0, 1), got {_get(config, path)!r}")
+    if "decay" in config.optim:   # configs written before the option existed are constant
+        _choice(config, "optim.decay", LR_DECAYS)
+        if config.optim.decay != "none":
+            _positive(config, "optim.decay_steps", integer=True)
+            if config.optim.decay_steps <= config.optim.warmup_steps:
+                raise ConfigError(f"config.optim.decay_steps ({config.optim.decay_steps}) must be "
+                                  f"larger than config.optim.warmup_steps "
+                                  f"({config.optim.warmup_steps}): the decay follows the warm-up")
+            _positive(config, "optim.end_lr_factor", allow_zero=True)
+            if config.optim.end_lr_factor > 1:
+                raise ConfigError(f"config.optim.end_lr_factor must be in [0, 1], got "
+                                  f"{config.optim.end_lr_factor!r}")
     rates = tuple(_get(config, "train.ema_rates"))
     if not rates or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r < 1
                         for r in rates):   # `--config.train.ema_rates=0.99,abc` gives a str
@@ -371,12 +383,28 @@ def build_optimizer(config) -> optax.GradientTransformation:
     return adamw
 
 
+LR_DECAYS = ("none", "cosine", "linear")
+
+
 def lr_schedule(config) -> optax.Schedule:
-    """Learning rate as a function of the optimizer-update count (linear warm-up, then constant)."""
+    """Learning rate as a function of the optimizer-update count: a linear warm-up from 0 over
+    ``optim.warmup_steps`` updates, then ``optim.lr`` constant (``optim.decay="none"``) or decayed
+    (cosine or linear) to ``end_lr_factor * lr`` at update ``optim.decay_steps``, constant after.
+
+    Configs written before the decay options existed (no ``optim.decay``) are constant."""
     o = config.optim
-    if o.warmup_steps:
-        return optax.warmup_constant_schedule(0.0, o.lr, int(o.warmup_steps))
-    return optax.constant_schedule(o.lr)
+    warmup, decay = int(o.warmup_steps), o.get("decay", "none")
+    if decay == "none":
+        if warmup:
+            return optax.warmup_constant_schedule(0.0, o.lr, warmup)
+        return optax.constant_schedule(o.lr)
+    end = float(o.end_lr_factor) * o.lr
+    if decay == "cosine":
+        return optax.warmup_cosine_decay_schedule(0.0, o.lr, warmup, int(o.decay_steps), end)
+    linear = optax.linear_schedule(o.lr, end, int(o.decay_steps) - warmup)
+    if not warmup:
+        return linear
+    return optax.join_schedules([optax.linear_schedule(0.0, o.lr, warmup), linear], [warmup])
 
 
 @dataclasses.dataclass(frozen=True)
