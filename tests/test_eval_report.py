@@ -23,8 +23,9 @@ def results(tiny_run, mnist_data_dir):
     return report.evaluate_workdir(
         str(tiny_run), metrics=("fd_mnist", "robustness"), samplers=("ddim", "es"), nfes=(2, 3),
         num_samples=12, batch_size=6, data_dir=str(mnist_data_dir),  # robustness_t: the default
-        robustness_radii=(0.0, 0.05, 0.1), robustness_pgd_steps=3, robustness_images=4,
-        robustness_sizes=(0.0, 0.1), robustness_samples=6, label="tiny", save_features=True)
+        robustness_radii=(0.0, 0.05, 0.1), robustness_pgd_steps=2, robustness_images=4,
+        robustness_sizes=(0.0, 0.1), robustness_samples=6, robustness_nfe=3, label="tiny",
+        save_features=True)
 
 
 def test_results_json_has_every_cell(results, tiny_run):
@@ -66,6 +67,7 @@ def test_robustness_section(results):
                                                        ("adversarial", 0.0), ("adversarial", 0.1)]
     # size 0 is the same clean DDIM run for both kinds
     assert rows[0]["fd_mnist"] == pytest.approx(rows[2]["fd_mnist"], rel=1e-6)
+    assert results["robustness"]["sampling"]["nfe"] == 3   # robustness_nfe
 
 
 def test_two_devices_split_the_batch_and_give_the_same_numbers(results, tiny_run, mnist_data_dir,
@@ -73,7 +75,8 @@ def test_two_devices_split_the_batch_and_give_the_same_numbers(results, tiny_run
     """The same evaluation with 2 simulated devices: samplers and the robustness attack split
     each batch over both (samplers.batch_shardings), which is per-example work, so the samples and
     every score match the 1-device run. One cell of the grid (the sampler code is shared by all)
-    and the whole robustness section."""
+    and the denoiser attack; the sampling under perturbation spreads its batch with the same
+    ``spread`` as the attack and is left out (its two programs would double the compile time)."""
     import os
     import subprocess
     import sys
@@ -87,8 +90,8 @@ assert samplers.batch_shardings(6) is not None and samplers.batch_shardings(5) i
 report.evaluate_workdir(
     {str(tiny_run)!r}, metrics=("fd_mnist", "robustness"), samplers=("ddim",), nfes=(3,),
     num_samples=12, batch_size=6, data_dir={str(mnist_data_dir)!r},
-    robustness_radii=(0.0, 0.05, 0.1), robustness_pgd_steps=3, robustness_images=4,
-    robustness_sizes=(0.0, 0.1), robustness_samples=6, label="tiny",
+    robustness_radii=(0.0, 0.05, 0.1), robustness_pgd_steps=2, robustness_images=4,
+    robustness_sizes=(), label="tiny",
     out_file={str(tmp_path / "two.json")!r})
 """
     env = dict(os.environ,
@@ -107,12 +110,7 @@ report.evaluate_workdir(
     for k in ("eps_clean", "eps_attacked", "x0_attacked"):  # batch means: summed in 2 halves
         np.testing.assert_allclose(two["robustness"]["attack"][k],
                                    results["robustness"]["attack"][k], rtol=1e-5)
-    # perturbed sampling: the attack's gradient steps amplify the float32 rounding of the
-    # per-device convolutions (other tilings of 3 images than of 6) in the untrained network;
-    # measured 4.6e-5 relative at XLA's fast-compile level; within 1e-5 at the default one
-    for a, b in zip(two["robustness"]["sampling"]["rows"],
-                    results["robustness"]["sampling"]["rows"]):
-        assert a["fd_mnist"] == pytest.approx(b["fd_mnist"], rel=2e-4)
+    assert "sampling" not in two["robustness"]
 
 
 def test_cli_robustness_t_outside_the_chain_is_one_line_error(tiny_run, mnist_data_dir, tmp_path):

@@ -105,7 +105,7 @@ def _fid_reference(inception_params, config, data_dir: str, stats_dir: str,
 
 def _robustness(model, params, experiment, config, data_dir: str, *, seed: int,
                 t_values: Sequence[int], radii: Sequence[float], norm: str, pgd_steps: int,
-                num_images: int, sample_sizes: Sequence[float], num_samples: int,
+                num_images: int, sample_sizes: Sequence[float], num_samples: int, nfe: int,
                 mnist_ref, batch_size: int) -> dict:
     from atdiff_jax.data.pipeline import load_examples, to_model_range
     from atdiff_jax.eval import robustness
@@ -130,7 +130,7 @@ def _robustness(model, params, experiment, config, data_dir: str, *, seed: int,
            "attack_settings": {"norm": norm, "pgd_steps": pgd_steps, "num_images": num_images}}
     if mnist_ref is None or not sample_sizes:
         return out
-    chain = experiment.diffusion.respace("ddim10")
+    chain = experiment.diffusion.respace(f"ddim{nfe}")
     run = jax.jit(lambda x, key, s, kind: robustness.perturbed_ddim_sample(
         model_fn, chain, x, key, kind=kind, size=s), static_argnames="kind")
     shape = (config.model.image_size, config.model.image_size, config.model.in_channels)
@@ -148,7 +148,7 @@ def _robustness(model, params, experiment, config, data_dir: str, *, seed: int,
             rows.append({"kind": kind, "size": float(size),
                          "fd_mnist": mnist_feature_distance(_at_32(imgs), mnist_ref),
                          "confidence": classifier_precision(_at_32(imgs))["mean_confidence"]})
-    out["sampling"] = {"sampler": "ddim", "nfe": 10, "num_samples": num_samples, "rows": rows}
+    out["sampling"] = {"sampler": "ddim", "nfe": nfe, "num_samples": num_samples, "rows": rows}
     return out
 
 
@@ -173,7 +173,8 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
                      robustness_norm: str = "l2", robustness_pgd_steps: int = 10,
                      robustness_images: int = 64,
                      robustness_sizes: Sequence[float] = (0.0, 0.05, 0.1),
-                     robustness_samples: int = 500, label: str | None = None,
+                     robustness_samples: int = 500, robustness_nfe: int = 10,
+                     label: str | None = None,
                      out_file: str | os.PathLike | None = None,
                      save_features: bool = False) -> dict:
     """Evaluates one run and writes ``<workdir>/eval/<step>/results.json`` (or ``out_file``);
@@ -182,7 +183,8 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
     ``fid_reference_num`` limits the FID reference to the first N training images (None: the
     whole split, the protocol; smaller values are for smoke tests). ``robustness_t`` are the
     denoiser attack's timesteps, each in [0, T) (None: 5%, 20%, 50%, 80% of the run's T,
-    :func:`atdiff_jax.eval.robustness.attack_timesteps`). MNIST runs whose models are
+    :func:`atdiff_jax.eval.robustness.attack_timesteps`). The sampling under perturbation runs
+    DDIM with ``robustness_nfe`` steps (10 by default). MNIST runs whose models are
     not 32x32 are scored by ``fd_mnist`` after a bilinear resize to 32x32.
 
     ``save_features`` (needs ``fd_mnist``) also writes the classifier features ``fd_mnist`` was
@@ -193,7 +195,8 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
     Raises:
       EvalError: unknown metric/sampler, NFE < 1, a metric that does not apply to the run
         (``fd_mnist`` on another dataset), missing Inception weights for ``fid``, a
-        ``robustness_t`` outside [0, T), or ``save_features`` without ``fd_mnist``.
+        ``robustness_t`` outside [0, T), ``robustness_nfe`` < 1, or ``save_features`` without
+        ``fd_mnist``.
     """
     from atdiff_jax.eval.robustness import attack_timesteps
     from atdiff_jax.train.checkpoint import create_manager
@@ -205,6 +208,9 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
         raise EvalError(f"nfe must be a non-empty list of integers >= 1, got {list(nfes)}")
     if num_samples < 2:
         raise EvalError(f"num_samples must be >= 2 (a covariance needs two), got {num_samples}")
+    if "robustness" in metrics and (isinstance(robustness_nfe, bool) or not isinstance(
+            robustness_nfe, int) or robustness_nfe < 1):
+        raise EvalError(f"robustness_nfe must be an integer >= 1, got {robustness_nfe!r}")
     if save_features and "fd_mnist" not in metrics:
         raise EvalError("save_features keeps the fd_mnist features: it needs metrics to include "
                         f"fd_mnist, got {list(metrics)}")
@@ -273,7 +279,8 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
             model, params, experiment, config, data_dir, seed=seed, t_values=robustness_t,
             radii=robustness_radii, norm=robustness_norm, pgd_steps=robustness_pgd_steps,
             num_images=robustness_images, sample_sizes=robustness_sizes,
-            num_samples=robustness_samples, mnist_ref=mnist_ref, batch_size=batch_size)
+            num_samples=robustness_samples, nfe=robustness_nfe, mnist_ref=mnist_ref,
+            batch_size=batch_size)
     path = out_file or workdir_path(workdir) / "eval" / str(results["step"]) / "results.json"
     if save_features:   # first: a results file that names its features file has it
         feat_path = features_path(path)
@@ -357,7 +364,8 @@ def _robustness_tables(results: Sequence[dict]) -> str:
             out.append(f"| {t} | " + " | ".join(cells) + " |")
         if "sampling" in rob:
             out.append("")
-            out.append(f"**{res['label']}** — DDIM-10 with perturbed intermediate states "
+            nfe = rob["sampling"].get("nfe", 10)
+            out.append(f"**{res['label']}** — DDIM-{nfe} with perturbed intermediate states "
                        "(MNIST feature distance)")
             out.append("| perturbation | size | fd_mnist | confidence |")
             out.append("|---|---|---|---|")

@@ -128,8 +128,8 @@ def write_report(spec, root: pathlib.Path, labels: Sequence[str], *, rows: list[
                 parts.append(f"| {lb} | {t} | " + " | ".join(f"{v:.4f}" for v in att[i]) + " |")
         parts.append("")
         if "sampling" in rob[0]:
-            parts += ["DDIM-10 with perturbed intermediate states: fd_mnist (mean ± std over "
-                      "training seeds)", "",
+            parts += [f"DDIM-{rob[0]['sampling'].get('nfe', 10)} with perturbed intermediate "
+                      "states: fd_mnist (mean ± std over training seeds)", "",
                       "| arm | " + " | ".join(f"{r['kind']} {r['size']:g}"
                                               for r in rob[0]["sampling"]["rows"]) + " |",
                       "|---|" + "---|" * len(rob[0]["sampling"]["rows"])]

@@ -291,7 +291,8 @@ def gate(spec, root: pathlib.Path, data_dir: str, start_step: int) -> dict:
             return cached
     res = evaluate_workdir(str(root / "pretrain"), metrics=("fd_mnist",), samplers=(g.sampler,),
                            nfes=(int(g.nfe),), num_samples=int(g.num_samples), step=start_step,
-                           data_dir=data_dir, label="start",
+                           # the cells' batch: the same compiled sampler when the NFE is too
+                           batch_size=int(spec.eval.batch_size), data_dir=data_dir, label="start",
                            out_file=root / "eval" / "gate_samples.json")
     row = res["rows"][0]
     # The floor at the same N: two disjoint sets of N real test images (N <= 5000).
@@ -388,7 +389,8 @@ def evaluate(spec, root: pathlib.Path, run: Run, data_dir: str) -> list[pathlib.
                              robustness_radii=tuple(e.robustness_radii),
                              robustness_images=int(e.robustness_images),
                              robustness_sizes=tuple(e.robustness_sizes),
-                             robustness_samples=int(e.robustness_samples), out_file=path)
+                             robustness_samples=int(e.robustness_samples),
+                             robustness_nfe=int(e.get("robustness_nfe", 10)), out_file=path)
     return files
 
 

@@ -60,6 +60,6 @@ def get_config():
               "robustness": True, "robustness_seeds": (0,),
               "robustness_t": (50, 200, 500, 800), "robustness_radii": (0.0, 0.02, 0.05, 0.1),
               "robustness_images": 64, "robustness_sizes": (0.0, 0.05, 0.1),
-              "robustness_samples": 256,
+              "robustness_samples": 256, "robustness_nfe": 10,
               "bootstrap": 200}          # resamples of the generated set (0 = off)
     return s

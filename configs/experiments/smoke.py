@@ -37,5 +37,6 @@ def get_config():
     s.eval.robustness_images = 4
     s.eval.robustness_sizes = (0.0, 0.1)
     s.eval.robustness_samples = 8
+    s.eval.robustness_nfe = 3
     s.eval.bootstrap = 20
     return s
