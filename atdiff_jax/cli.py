@@ -371,6 +371,12 @@ def _experiment() -> None:
         raise UsageError("atdiff experiment needs --spec=configs/experiments/X.py and --root=DIR")
     from atdiff_jax.experiment import StudyInterrupted
     validate_spec(FLAGS.spec)
+    if not jax.config.jax_compilation_cache_dir:
+        # The arms and evaluation cells compile the same programs again and again (the timing
+        # stage's train steps, each arm's step on every seed it resumes, the samplers): a
+        # persistent compilation cache under the root loads them instead (JAX_COMPILATION_CACHE_DIR
+        # set by the caller is used as it is).
+        jax.config.update("jax_compilation_cache_dir", os.path.join(FLAGS.root, "jax_cache"))
     try:
         report = run_experiment(FLAGS.spec, FLAGS.root, until=FLAGS.until)
     except StudyInterrupted as e:

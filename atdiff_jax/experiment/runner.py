@@ -13,6 +13,7 @@ The experiment is described by a *spec* (``configs/experiments/mnist.py``; a smo
   <root>/eval/<run>/seed<s>/<sampler>_e<k>.json   one evaluation cell (sampler x all NFEs)
   <root>/eval/<run>/seed<s>/<sampler>_e<k>.features.npz   its samples' classifier features
   <root>/report.md, results.json, *.png           the tables and plots
+  <root>/jax_cache/                `atdiff experiment`'s persistent compilation cache
 
 Stages, in order; each one skips what is already on disk, so rerunning the same command after an
 interruption resumes (a half-trained run resumes from its last checkpoint, finished arms and
@@ -310,16 +311,19 @@ def measure_step_seconds(configs: dict[str, ml_collections.ConfigDict], *, repea
                          ) -> dict[str, dict]:
     """Seconds per minibatch of each config's jitted train step, timed interleaved.
 
-    Every step is compiled first, then the configs take turns (``repeats`` rounds, one minibatch
-    each) so that load changes on a shared machine hit all of them alike; the median is kept.
+    Each is the train loop's own program (``loop.loop_train_step``; with a persistent
+    compilation cache, which ``atdiff experiment`` keeps in ``<root>/jax_cache``, the arms' runs
+    load it instead of compiling it again) from the run's initial state on its first minibatch. Every step is compiled first, then the configs take turns
+    (``repeats`` rounds, one minibatch each) so that load changes on a shared machine hit all of
+    them alike; the median is kept.
     """
     import jax
 
-    from atdiff_jax.train.step import standalone_train_step
+    from atdiff_jax.train.loop import loop_train_step
 
     steps, times = {}, {name: [] for name in configs}
     for name, config in configs.items():
-        fn, state, batch = standalone_train_step(config)
+        fn, state, batch = loop_train_step(config)
         state, m = fn(state, batch)       # compile + one warm-up minibatch
         jax.block_until_ready(m)
         steps[name] = [fn, state, batch]

@@ -266,13 +266,65 @@ def _write_grid(config, experiment, state, mesh, workdir, step, writer):
         writer.write_images(step, {"ema_samples": tile[None]})
 
 
+def _sharded_train_step(config, experiment: Experiment, optimizer, mesh, shardings, teacher):
+    """``train_step(state, batch, steps_done) -> (state, metrics)``: the loop's jitted step (state
+    donated) on ``mesh``."""
+    # The teacher is a non-donated input, sharded like params ({} without one); the schedule
+    # (the CM target EMA rate and N; nothing for DPM) is computed on the host.
+    teacher_params = {}
+    if teacher is not None and experiment.cm.kind != "ct":
+        host = jax.device_get(teacher.params)
+        teacher_params = _put(host, sharding.params_shardings(host, mesh))
+    jitted_step = jax.jit(
+        make_train_step(experiment, optimizer, seed=config.seed, lr_fn=lr_schedule(config),
+                        teacher_model=teacher.model if teacher else None,
+                        teacher_diffusion=teacher.diffusion if teacher else None),
+        in_shardings=(shardings, sharding.batch_sharding(mesh),
+                      sharding.params_shardings(teacher_params, mesh), sharding.replicated(mesh)),
+        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+
+    def train_step(state, batch, steps_done):
+        schedule = step_schedule(experiment, steps_done)  # the same on every process
+        schedule = _put(schedule, jax.tree.map(lambda _: sharding.replicated(mesh), schedule))
+        return jitted_step(state, batch, teacher_params, schedule)
+
+    return train_step
+
+
+def loop_train_step(config: ml_collections.ConfigDict):
+    """``(step, state, batch)`` of a DPM config as :func:`train` runs it: the loop's jitted step
+    (the same program, so one compilation serves both through the persistent cache), the run's
+    initial state (e.g. the start checkpoint of ``config.init.workdir``) and the first minibatch
+    of its data; ``step(state, batch) -> (state, metrics)``. The experiment's equal wall-clock
+    timing measures it."""
+    experiment = build_experiment(config)
+    if experiment.cm is not None:
+        raise ConfigError("loop_train_step times DPM runs; this config is a consistency model "
+                          f"(cm.kind={config.cm.kind!r})")
+    optimizer = build_optimizer(config)
+    mesh = sharding.create_mesh(config.mesh.fsdp)
+    shardings = sharding.state_shardings(_abstract_state(experiment, optimizer), mesh)
+    try:
+        iterator = create_train_iterator(
+            dataset=config.data.dataset, data_dir=config.data.data_dir, split=config.data.split,
+            global_batch_size=config.train.global_batch_size, seed=config.seed,
+            process_index=jax.process_index(), process_count=jax.process_count(),
+            random_flip=config.data.random_flip, class_cond=config.model.class_cond,
+            image_size=config.model.image_size, worker_count=0)
+        batch = sharding.global_batch(next(iterator), mesh)
+    except DataError as e:
+        raise ConfigError(f"config.data: {e}") from None
+    state = _initial_state(config, experiment, optimizer, shardings, None)
+    train_step = _sharded_train_step(config, experiment, optimizer, mesh, shardings, None)
+    return (lambda st, b: train_step(st, b, 0)), state, batch
+
+
 def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
           restore_step: int | None = None) -> TrainState:
     """Trains (or resumes) ``config`` in ``workdir`` (local or e.g. ``gs://``); returns the final
     state."""
     experiment = build_experiment(config)   # validates the config first
     optimizer = build_optimizer(config)
-    lr_fn = lr_schedule(config)
     workdir = workdir_path(workdir)
     data_dir = config.data.data_dir or default_data_dir(workdir)
     if jax.device_count() % config.mesh.fsdp:
@@ -317,24 +369,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json(indent=2))
 
-    # The teacher is a non-donated input, sharded like params ({} without one); the schedule
-    # (the CM target EMA rate and N; nothing for DPM) is computed on the host.
-    teacher_params = {}
-    if teacher is not None and experiment.cm.kind != "ct":
-        host = jax.device_get(teacher.params)
-        teacher_params = _put(host, sharding.params_shardings(host, mesh))
-    jitted_step = jax.jit(
-        make_train_step(experiment, optimizer, seed=config.seed, lr_fn=lr_fn,
-                        teacher_model=teacher.model if teacher else None,
-                        teacher_diffusion=teacher.diffusion if teacher else None),
-        in_shardings=(shardings, sharding.batch_sharding(mesh),
-                      sharding.params_shardings(teacher_params, mesh), sharding.replicated(mesh)),
-        out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
-
-    def train_step(state, batch, steps_done):
-        schedule = step_schedule(experiment, steps_done)  # the same on every process
-        schedule = _put(schedule, jax.tree.map(lambda _: sharding.replicated(mesh), schedule))
-        return jitted_step(state, batch, teacher_params, schedule)
+    train_step = _sharded_train_step(config, experiment, optimizer, mesh, shardings, teacher)
 
     # clu's writers import TensorFlow (seconds): only training needs them, not restore/sampling
     from clu import metric_writers, periodic_actions

@@ -185,7 +185,8 @@ def random_train_batch(config, batch: int, seed: int = 0) -> dict:
 def standalone_train_step(config, seed: int = 0):
     """``(step, state, batch)`` of a DPM config, outside the train loop: its train step jitted
     with the state donated, a freshly initialised state and a random batch of the config's
-    global size. The experiment's equal-wall-clock timing and ``bench/`` time this."""
+    global size. ``bench/`` times this (the experiment's timing uses the loop's own step,
+    ``loop.loop_train_step``)."""
     from atdiff_jax.train.build import build_experiment, build_optimizer, lr_schedule
     from atdiff_jax.train.state import init_state
     exp, opt = build_experiment(config), build_optimizer(config)
