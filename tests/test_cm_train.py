@@ -1,14 +1,15 @@
 """Consistency models with AT: the LCM loss and sampler, the guidance embedding, the CM train step,
 and the trainer / CLI end to end (teacher DPM run -> CD with fast AT -> resume -> atdiff sample).
 
-Compiles are shared: the module turns on JAX's persistent compilation cache (restored afterwards),
-so identical step programs (a resumed run, K = 1 as adv.kind "none" or "fast" with steps = 1)
+Compiles are shared through the suite's persistent compilation cache (tests/conftest.py), so
+identical step programs (a resumed run, K = 1 as adv.kind "none" or "fast" with steps = 1)
 compile once.
 """
 from __future__ import annotations
 
 import functools
 import json
+import os
 import pathlib
 import runpy
 import shutil
@@ -56,22 +57,11 @@ def config_of(path, **overrides):
     return c
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """A persistent compilation cache for this module only (identical programs compile once)."""
-    from jax._src import compilation_cache as cc
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    old = {k: getattr(jax.config, k) for k in keys}
-    cache_dir = str(tmp_path_factory.mktemp("jax_cache"))
-    jax.config.update("jax_compilation_cache_dir", cache_dir)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    cc.reset_cache()
-    yield cache_dir
-    for k, v in old.items():
-        jax.config.update(k, v)
-    cc.reset_cache()
+@pytest.fixture(scope="module")
+def compilation_cache():
+    """The suite's persistent compilation cache (conftest: shared by every worker and ``atdiff``
+    subprocess of the run), so the CLI runs here also reuse what other tests compiled."""
+    return os.environ["JAX_COMPILATION_CACHE_DIR"]
 
 
 # ----------------------------------------------------------------------------------------------
