@@ -5,6 +5,7 @@ import pathlib
 import runpy
 
 _FULL = runpy.run_path(str(pathlib.Path(__file__).with_name("mnist.py")))
+_EFFECT = runpy.run_path(str(pathlib.Path(__file__).with_name("mnist_at_effect.py")))
 
 
 def get_config():
@@ -37,4 +38,11 @@ def get_config():
     s.eval.robustness_images = 4
     s.eval.robustness_sizes = (0.0, 0.1)
     s.eval.robustness_samples = 8
+    # The consistency-model stage of mnist_at_effect.py with tiny students (configs/tiny_cm.py,
+    # the tiny DPM's network): every CM arm, 2 minibatches each.
+    s.cm = _EFFECT["get_config"]().cm
+    s.cm.config = "configs/tiny_cm.py"
+    s.cm.overrides = {"train": dict(tiny["train"], ema_rates=(0.5,)), "optim": tiny["optim"]}
+    s.cm.num_minibatches = 2
+    s.cm.checkpoints = 1
     return s
