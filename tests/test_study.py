@@ -450,19 +450,21 @@ def test_cm_report_tables_paired_differences_and_plot(mnist_data_dir, tmp_path):
 @pytest.fixture(scope="module")
 def cm_stage(smoke, tmp_path_factory):
     """The CM stage end to end, on a root holding a copy of the smoke fixture's finished
-    pre-training, gate, start and clean arm (reused, not redone): one CM arm (CD + fast AT,
-    K = 3) of seed 0 is trained from the start checkpoint, evaluated (cm_onestep at NFE 1,
-    cm_multistep at 2 and 4) with the consistency-function attack, and reported."""
+    pre-training, gate and start cells (reused, not redone; the clean arm's 2 minibatches are
+    retrained, its config names this root's pre-training): one CM arm (clean CD: AT's K-step
+    program costs K x the compile and is covered by test_cm_train) of seed 0 is trained from the
+    start checkpoint, evaluated (cm_onestep at NFE 1, cm_multistep at 2 and 4) with the
+    consistency-function attack, and reported."""
     spec0, root0, _ = smoke
     root = tmp_path_factory.mktemp("study_cm") / "exp"
-    for part in ("pretrain", "arms/clean", "eval/start", "eval/clean"):
+    for part in ("pretrain", "eval/start"):
         shutil.copytree(root0 / part, root / part)
     shutil.copy(root0 / "gate.json", root / "gate.json")
     spec = cm_smoke_spec(spec0.data_dir)
     spec.arm_order = ("clean",)
     spec.wallclock.enabled = False
-    spec.cm.arm_order = ("cd_at",)
-    spec.cm.baseline = "cd_at"
+    spec.cm.arm_order = ("cd_clean",)
+    spec.cm.baseline = "cd_clean"
     spec.cm.robustness_seeds = (0,)
     spec.eval.robustness_sizes = ()      # the attack only (perturbed sampling: test_cm_train)
     report = study.run_experiment(spec, root)
@@ -472,31 +474,32 @@ def cm_stage(smoke, tmp_path_factory):
 def test_cm_stage_trains_evaluates_and_reports(cm_stage):
     spec, root, report = cm_stage
     from atdiff_jax.train.loop import restore_state
-    state, config = restore_state(str(root / "cm" / "cd_at" / "seed0"))
-    assert (int(state.step), int(state.updates)) == (2, 6)        # 2 minibatches x K = 3
-    assert config.cm.kind == "cd" and config.adv.kind == "fast" and config.seed == 100
+    state, config = restore_state(str(root / "cm" / "cd_clean" / "seed0"))
+    assert (int(state.step), int(state.updates)) == (2, 2)
+    assert config.cm.kind == "cd" and config.adv.kind == "none" and config.seed == 100
     assert (config.teacher.workdir, config.teacher.step) == (str(root / "pretrain"), 4)
-    cells = root / "eval" / "cd_at" / "seed0"
+    cells = root / "eval" / "cd_clean" / "seed0"
     one = json.loads((cells / "cm_onestep_e0.json").read_text())
     multi = json.loads((cells / "cm_multistep_e0.json").read_text())
     assert one["step"] == multi["step"] == 2
     assert [(r["sampler"], r["nfe"]) for r in one["rows"] + multi["rows"]] == [
         ("cm_onestep", 1), ("cm_multistep", 2), ("cm_multistep", 4)]
     results = json.loads((root / "results.json").read_text())
-    fd = {(r["sampler"], r["nfe"]): r["fd_mnist"] for r in results["rows"] if r["label"] == "cd_at"}
+    fd = {(r["sampler"], r["nfe"]): r["fd_mnist"] for r in results["rows"]
+          if r["label"] == "cd_clean"}
     assert len(fd) == 3 and all(np.isfinite(v) and v > 1.0 for v in fd.values())
-    assert {r["label"] for r in results["rows"]} == {"start", "clean", "cd_at"}
-    rob = [r for r in results["robustness"] if r["label"] == "cd_at"]
+    assert {r["label"] for r in results["rows"]} == {"start", "clean", "cd_clean"}
+    rob = [r for r in results["robustness"] if r["label"] == "cd_clean"]
     assert len(rob) == 1 and rob[0]["model"] == "cm" and "sampling" not in rob[0]
     assert np.asarray(rob[0]["attack"]["x0_attacked"]).shape == (2, 2)
     text = report.read_text()
-    assert f"| cm_onestep | cd_at | {fd['cm_onestep', 1]:.2f} |  |  |" in text
+    assert f"| cm_onestep | cd_clean | {fd['cm_onestep', 1]:.2f} |  |  |" in text
     assert "### CM: robustness" in text and (root / "cm_fd_mnist_vs_nfe.png").is_file()
-    assert "cd_at/seed0" in json.loads((root / "wall_seconds.json").read_text())
+    assert "cd_clean/seed0" in json.loads((root / "wall_seconds.json").read_text())
     # Rerunning reuses the CM run and its cells (nothing is retrained or re-evaluated).
-    files = [p for p in (root / "eval" / "cd_at").rglob("*.json")]
+    files = list((root / "eval" / "cd_clean").rglob("*.json"))
     mtimes = {p: p.stat().st_mtime_ns for p in files}
-    ckpt = root / "cm" / "cd_at" / "seed0" / "checkpoints"
+    ckpt = root / "cm" / "cd_clean" / "seed0" / "checkpoints"
     ckpts = sorted(p.name for p in ckpt.iterdir())
     study.run_experiment(spec, root)
     assert {p: p.stat().st_mtime_ns for p in files} == mtimes

@@ -10,6 +10,7 @@ The experiment is described by a *spec* (``configs/experiments/mnist.py``; a smo
   <root>/gate.json                 quality of the starting checkpoint vs the real-data floor
   <root>/timing.json               seconds per minibatch of clean and fast-AT steps, one process
   <root>/arms/<arm>/seed<s>/       one fine-tuning run per (arm, training seed)
+  <root>/cm/<cm arm>/seed<s>/      one consistency-distillation run per (CM arm, seed), optional
   <root>/eval/<run>/seed<s>/<sampler>_e<k>.json   one evaluation cell (sampler x all NFEs)
   <root>/report.md, results.json, *.png           the tables and plots
 
@@ -34,13 +35,25 @@ evaluation cells are reused):
    for ``spec.finetune.num_minibatches * minibatch_factor`` minibatches.
 5. **eval** (after each seed's arms): every sampler of ``spec.eval.samplers`` at every NFE of
    ``spec.eval.nfes``, for every evaluation seed, plus the robustness evaluation.
+4b./5b. **CM arms** (optional, ``spec.cm``; after the DPM arms of each seed in
+   ``spec.cm.seeds``): consistency distillation with the start checkpoint as the teacher
+   (``config.teacher``; the student starts from its EMA params), ``spec.cm.num_minibatches``
+   minibatches of ``spec.cm.config`` + the CM arm's overrides (:func:`cm_arm_config`; every
+   CM arm's config is checked against the pre-training before anything trains,
+   :func:`check_cm_configs`), trained and resumed like the DPM arms; then evaluated with
+   ``cm_onestep`` at NFE 1 and ``cm_multistep`` at the other NFEs of ``spec.cm.nfes`` (the
+   evaluation seeds and sizes of ``spec.eval``), and with the students' robustness evaluation
+   (``spec.cm.robustness``). Specs without a ``cm`` section, or with ``cm.enabled=False``, have
+   no CM stage.
 6. **report**: mean +- std over training seeds (each the mean over evaluation seeds) in the
    paper's layout (rows sampler x arm, columns NFE); the paired per-seed differences of each arm
    against clean, and of AT against equal updates and equal wall-clock
    (``stats.paired_differences``); the floor of one cell (:func:`cell_floor`); robustness,
-   plots, wall time (``render.write_report``).
+   plots, wall time (``render.write_report``); and the same for the CM arms against
+   ``spec.cm.baseline``, with the plot of fd_mnist against NFE per CM arm.
 
-Arms are given as nested overrides of the fine-tuning config; unknown keys are errors.
+Arms (DPM and CM) are given as nested overrides of the fine-tuning config; unknown keys are
+errors.
 """
 from __future__ import annotations
 
