@@ -245,8 +245,9 @@ def test_init_workdir_errors(smoke, tmp_path):
 
 @pytest.mark.slow
 def test_full_smoke_experiment_from_the_cli(tmp_path, mnist_data_dir):
-    """configs/experiments/smoke.py as it is (all arms, two seeds, two samplers, robustness)
-    through `atdiff experiment`; a SIGTERM mid-run exits 3 and the rerun finishes it."""
+    """configs/experiments/smoke.py as it is (all arms, two seeds, two samplers, robustness, the
+    CM stage) through `atdiff experiment`; a SIGTERM mid-run exits 3 and the rerun finishes
+    it."""
     import os
     import signal
     import subprocess
@@ -268,13 +269,19 @@ def test_full_smoke_experiment_from_the_cli(tmp_path, mnist_data_dir):
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((root / "results.json").read_text())
     arms = {"clean", "ddpm_ip", "fast_at", "clean_kx", "pgd_at", "clean_kx@wallclock"}
-    assert {(r["label"], r["seed"]) for r in results["rows"]} == (
-        {("start", -1)} | {(a, s) for a in arms for s in (0, 1) if a != "pgd_at"}
-        | {("pgd_at", 0)})
-    assert {r["sampler"] for r in results["rows"]} == {"ddim", "dpm_solver"}
-    assert {(r["label"], r["seed"]) for r in results["robustness"]} == (
-        {("start", -1)} | {(a, s) for a in arms for s in (0, 1) if a != "pgd_at"}
-        | {("pgd_at", 0)})
+    # the CM stage: CD clean and CD + fast AT on both seeds, the clean-teacher ablation on seed 0
+    cm_runs = {(a, s) for a in ("cd_clean", "cd_at") for s in (0, 1)} | {
+        ("cd_at_teacher_clean", 0)}
+    runs = ({("start", -1)} | {(a, s) for a in arms for s in (0, 1) if a != "pgd_at"}
+            | {("pgd_at", 0)})
+    assert {(r["label"], r["seed"]) for r in results["rows"]} == runs | cm_runs
+    assert {r["sampler"] for r in results["rows"]} == {"ddim", "dpm_solver", "cm_onestep",
+                                                       "cm_multistep"}
+    assert {(r["label"], r["seed"]) for r in results["robustness"]} == runs | cm_runs
+    assert {(r["sampler"], r["nfe"]) for r in results["rows"] if r["label"] == "cd_at"} == {
+        ("cm_onestep", 1), ("cm_multistep", 2), ("cm_multistep", 4)}
+    assert set(results["cm"]["paired"]) == {"cd_at|cd_clean", "cd_at_teacher_clean|cd_clean"}
+    assert results["cm"]["paired"]["cd_at|cd_clean"]["cm_multistep|4"]["n"] == 2
     # robustness under sampling: mean ± std over the two training seeds of an arm
     rob = {(r["label"], r["seed"]): r["sampling"]["rows"][-1]["fd_mnist"]
            for r in results["robustness"]}
@@ -453,8 +460,8 @@ def cm_stage(smoke, tmp_path_factory):
     pre-training, gate and start cells (reused, not redone; the clean arm's 2 minibatches are
     retrained, its config names this root's pre-training): one CM arm (clean CD: AT's K-step
     program costs K x the compile and is covered by test_cm_train) of seed 0 is trained from the
-    start checkpoint, evaluated (cm_onestep at NFE 1, cm_multistep at 2 and 4) with the
-    consistency-function attack, and reported."""
+    start checkpoint, evaluated (cm_onestep at NFE 1, cm_multistep at 2) with the
+    consistency-function attack (2 PGD steps), and reported."""
     spec0, root0, _ = smoke
     root = tmp_path_factory.mktemp("study_cm") / "exp"
     for part in ("pretrain", "eval/start"):
@@ -465,8 +472,10 @@ def cm_stage(smoke, tmp_path_factory):
     spec.wallclock.enabled = False
     spec.cm.arm_order = ("cd_clean",)
     spec.cm.baseline = "cd_clean"
+    spec.cm.nfes = (1, 2)
     spec.cm.robustness_seeds = (0,)
     spec.eval.robustness_sizes = ()      # the attack only (perturbed sampling: test_cm_train)
+    spec.eval.robustness_pgd_steps = 2
     report = study.run_experiment(spec, root)
     return spec, root, report
 
@@ -483,17 +492,17 @@ def test_cm_stage_trains_evaluates_and_reports(cm_stage):
     multi = json.loads((cells / "cm_multistep_e0.json").read_text())
     assert one["step"] == multi["step"] == 2
     assert [(r["sampler"], r["nfe"]) for r in one["rows"] + multi["rows"]] == [
-        ("cm_onestep", 1), ("cm_multistep", 2), ("cm_multistep", 4)]
+        ("cm_onestep", 1), ("cm_multistep", 2)]
     results = json.loads((root / "results.json").read_text())
     fd = {(r["sampler"], r["nfe"]): r["fd_mnist"] for r in results["rows"]
           if r["label"] == "cd_clean"}
-    assert len(fd) == 3 and all(np.isfinite(v) and v > 1.0 for v in fd.values())
+    assert len(fd) == 2 and all(np.isfinite(v) and v > 1.0 for v in fd.values())
     assert {r["label"] for r in results["rows"]} == {"start", "clean", "cd_clean"}
     rob = [r for r in results["robustness"] if r["label"] == "cd_clean"]
     assert len(rob) == 1 and rob[0]["model"] == "cm" and "sampling" not in rob[0]
     assert np.asarray(rob[0]["attack"]["x0_attacked"]).shape == (2, 2)
     text = report.read_text()
-    assert f"| cm_onestep | cd_clean | {fd['cm_onestep', 1]:.2f} |  |  |" in text
+    assert f"| cm_onestep | cd_clean | {fd['cm_onestep', 1]:.2f} |  |" in text
     assert "### CM: robustness" in text and (root / "cm_fd_mnist_vs_nfe.png").is_file()
     assert "cd_clean/seed0" in json.loads((root / "wall_seconds.json").read_text())
     # Rerunning reuses the CM run and its cells (nothing is retrained or re-evaluated).

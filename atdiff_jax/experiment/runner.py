@@ -180,12 +180,12 @@ def validate_spec(spec: ml_collections.ConfigDict) -> None:
 
 def cm_seeds(spec) -> tuple[int, ...]:
     """The training seeds of the CM stage: ``spec.cm.seeds``, or ``spec.seeds`` when empty."""
-    return tuple(int(s) for s in spec.cm.get("seeds", ())) or tuple(spec.seeds)
+    return tuple(spec.cm.get("seeds", ())) or tuple(spec.seeds)
 
 
 def cm_arm_seeds(spec, arm: str) -> tuple[int, ...]:
     """The training seeds of CM arm ``arm`` (its ``seeds``, or every CM seed)."""
-    return tuple(int(s) for s in spec.cm.arms[arm].get("seeds", ())) or cm_seeds(spec)
+    return tuple(spec.cm.arms[arm].get("seeds", ())) or cm_seeds(spec)
 
 
 def cm_robustness_seeds(spec) -> tuple[int, ...]:
@@ -194,8 +194,8 @@ def cm_robustness_seeds(spec) -> tuple[int, ...]:
     ``spec.cm.robustness``)."""
     if not spec.cm.get("robustness", False):
         return ()
-    return (tuple(int(s) for s in spec.cm.get("robustness_seeds", ()))
-            or tuple(int(s) for s in spec.eval.robustness_seeds if s in cm_seeds(spec)))
+    return (tuple(spec.cm.get("robustness_seeds", ()))
+            or tuple(s for s in spec.eval.robustness_seeds if s in cm_seeds(spec)))
 
 
 def _is_int(v, least: int) -> bool:
@@ -335,6 +335,10 @@ def check_cm_configs(spec, root: pathlib.Path, data_dir: str,
         except ConfigError as e:
             raise StudyError(f"spec.cm.arms.{arm} (spec.cm.config {spec.cm.config!r}): {e}"
                              ) from None
+        if cm_robustness_seeds(spec) and config.cm.kind == "lcm":
+            raise StudyError(f"spec.cm.robustness: the robustness evaluation of consistency "
+                             f"models covers Karras students (cm.kind 'cd' / 'ct'); "
+                             f"spec.cm.arms.{arm} trains an LCM student")
         if cm_robustness_seeds(spec):
             diffs = [f"diffusion.{k}: {config.diffusion[k]!r} here, {pre.diffusion[k]!r} in the "
                      "pre-training" for k in CHAIN_KEYS if config.diffusion[k] != pre.diffusion[k]]
@@ -547,6 +551,7 @@ def evaluate(spec, root: pathlib.Path, run: Run, data_dir: str, *, cm: bool = Fa
                              data_dir=data_dir, batch_size=int(e.batch_size), label=run.label,
                              robustness_t=tuple(e.robustness_t),
                              robustness_radii=tuple(e.robustness_radii),
+                             robustness_pgd_steps=int(e.get("robustness_pgd_steps", 10)),
                              robustness_images=int(e.robustness_images),
                              robustness_sizes=tuple(e.robustness_sizes),
                              robustness_samples=int(e.robustness_samples), out_file=path)

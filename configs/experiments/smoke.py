@@ -1,5 +1,6 @@
-"""A smoke version of configs/experiments/mnist.py (the same pipeline in about a minute, tiny
-16x16 models; run by tests/test_study.py): `atdiff experiment --spec=configs/experiments/smoke.py
+"""A smoke version of configs/experiments/mnist.py (the same pipeline in a few minutes, tiny
+16x16 models; run by tests/test_study.py) plus the consistency-model stage of
+configs/experiments/mnist_at_effect.py: `atdiff experiment --spec=configs/experiments/smoke.py
 --root=/tmp/smoke`."""
 import pathlib
 import runpy
