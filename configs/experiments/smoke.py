@@ -1,5 +1,5 @@
-"""A smoke version of configs/experiments/mnist.py (the same pipeline in a few minutes, tiny
-16x16 models; run by tests/test_study.py) plus the consistency-model stage of
+"""A smoke version of configs/experiments/mnist.py (the same pipeline with tiny 16x16 models; run
+by tests/test_study.py) plus the consistency-model stage of
 configs/experiments/mnist_at_effect.py: `atdiff experiment --spec=configs/experiments/smoke.py
 --root=/tmp/smoke`."""
 import pathlib
