@@ -9,6 +9,7 @@ the flags of one).
   atdiff data prepare --dataset=mnist32 [--data_dir=DIR]
   atdiff eval --workdir=runs/a[,runs/b,...] --metrics=fd_mnist,fid,robustness \
       --samplers=ddim,iddpm,es,dpm_solver --nfe=5,8,10,20,50 --num_samples=N [--out=DIR]
+  atdiff eval --workdir=runs/mnist_cd_at --samplers=cm_multistep --nfe=2,4 [...]   (cm_onestep: --nfe=1)
   atdiff convert inception --out=PATH [--torchscript=PATH]
   atdiff experiment --spec=configs/experiments/mnist.py --root=runs/experiments/mnist \
       [--until=pretrain|gate|arms|report] [--spec.seeds=0,1 ...]
@@ -91,7 +92,8 @@ flags.DEFINE_string("dataset", "mnist32", "data prepare: the dataset to build (m
 flags.DEFINE_string("data_dir", None, "data prepare / eval: TFDS data_dir (default ./data; eval: "
                     "the run's data_dir).")
 flags.DEFINE_list("metrics", ["fd_mnist"], "eval: any of fd_mnist, fid, robustness.")
-flags.DEFINE_list("samplers", ["ddim"], "eval: any of ddim, iddpm, es, dpm_solver.")
+flags.DEFINE_list("samplers", ["ddim"], "eval: any of ddim, iddpm, es, dpm_solver (DPM runs); "
+                  "cm_onestep (--nfe=1) or cm_multistep (--nfe >= 2) for consistency-model runs.")
 flags.DEFINE_list("nfe", ["10"], "eval: numbers of network evaluations, e.g. 5,8,10,20,50.")
 flags.DEFINE_integer("num_samples", 1000, "eval: samples per (sampler, NFE); the paper uses 50000.")
 flags.DEFINE_float("es_scale", 1.017, "eval: epsilon-scaling factor of the es sampler.")

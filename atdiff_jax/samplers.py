@@ -128,15 +128,28 @@ def cm_sampler_fn(model, cm, *, sampler: str, steps: int,
         raise ValueError(f"sampler must be one of {CM_SAMPLERS} for a consistency model, got "
                          f"{sampler!r}")
     nfe = 1 if sampler == "cm_onestep" else int(steps)
-
-    def apply_fn(params, x, t, y, rng, **kw):
-        return model.apply({"params": params}, x, t, y=y, train=False, **kw)
-
+    w = None
     if cm.kind == "lcm":
         if diffusion is None:
             raise ValueError("an LCM student samples over its teacher's chain: pass diffusion")
         w = cm.sample_w if guidance_w is None else float(guidance_w)
+    # One compiled sampler per (network, what the sampler reads of the settings, sampler, NFE):
+    # the experiment evaluates many checkpoints of one network (as sampler_fn).
+    key = ("cm", model, cm.kind, cm.denoiser, cm.sample_scales, cm.lcm, w, sampler, nfe,
+           _chain_key(diffusion) if cm.kind == "lcm" else None)
+    if key not in _SAMPLER_CACHE:
+        if len(_SAMPLER_CACHE) >= _SAMPLER_CACHE_SIZE:
+            _SAMPLER_CACHE.pop(next(iter(_SAMPLER_CACHE)))
+        _SAMPLER_CACHE[key] = _build_cm_sampler_fn(model, cm, sampler=sampler, nfe=nfe,
+                                                   diffusion=diffusion, w=w)
+    return _SAMPLER_CACHE[key]
 
+
+def _build_cm_sampler_fn(model, cm, *, sampler: str, nfe: int, diffusion, w):
+    def apply_fn(params, x, t, y, rng, **kw):
+        return model.apply({"params": params}, x, t, y=y, train=False, **kw)
+
+    if cm.kind == "lcm":
         def run(params, noise, rng, y):
             return lcm_sample(apply_fn, params, noise, diffusion=diffusion, settings=cm.lcm,
                               steps=nfe, y=y, w=w if cm.lcm.guidance else None, rng=rng)

@@ -576,3 +576,104 @@ def test_label_dropout_for_classifier_free_guidance_teachers():
                                 "train.label_dropout": 0.1})
     exp = build_experiment(config)
     assert exp.label_dropout == 0.1 and exp.sample_classes == 10  # samples skip the null class
+
+
+# ----------------------------------------------------------------------------------------------
+# atdiff eval on a consistency model (the experiment's CM cells and robustness)
+
+
+@pytest.fixture(scope="module")
+def cm_eval(cm_run, mnist_data_dir):
+    """evaluate_workdir on the CD + AT run: cm_multistep at NFE 2 with the robustness evaluation
+    (small grids), and cm_onestep at NFE 1; the same seed and batches, so the same x_T."""
+    from atdiff_jax.eval import report
+    kw = dict(num_samples=8, batch_size=4, seed=3, data_dir=str(mnist_data_dir))
+    multi = report.evaluate_workdir(
+        str(cm_run), metrics=("fd_mnist", "robustness"), samplers=("cm_multistep",), nfes=(2,),
+        robustness_t=(10, 50), robustness_radii=(0.0, 0.05), robustness_pgd_steps=2,
+        robustness_images=4, robustness_sizes=(0.0, 0.1), robustness_samples=8, label="cd_at",
+        **kw)
+    one = report.evaluate_workdir(str(cm_run), samplers=("cm_onestep",), nfes=(1,),
+                                  out_file=cm_run.parent / "onestep.json", **kw)
+    return multi, one
+
+
+def test_eval_scores_cm_samplers_like_dpm_cells(cm_eval, cm_run):
+    from atdiff_jax import samplers as samples_lib
+    from atdiff_jax.eval.mnist_fd import mnist_feature_distance
+    from atdiff_jax.eval.report import _at_32, mnist_reference
+    from atdiff_jax.train.loop import restore_for_sampling
+    multi, one = cm_eval
+    assert [(r["sampler"], r["nfe"]) for r in multi["rows"] + one["rows"]] == [
+        ("cm_multistep", 2), ("cm_onestep", 1)]
+    for r in multi["rows"] + one["rows"]:    # the row format of DPM cells
+        assert set(r) == {"sampler", "nfe", "num_samples", "sample_seconds", "fd_mnist",
+                          "confidence", "frac_confident"}
+        assert np.isfinite(r["fd_mnist"]) and r["fd_mnist"] > 1.0 and 0 < r["confidence"] <= 1
+    assert multi["step"] == one["step"] == 4 and multi["label"] == "cd_at"
+    assert json.loads((cm_run / "eval" / "4" / "results.json").read_text())["rows"] == multi["rows"]
+    # The cell's images are the ones `atdiff sample` draws (generate with the run's CM settings).
+    model, params, experiment, config = restore_for_sampling(str(cm_run))
+    imgs, _ = samples_lib.generate(model, params, experiment.diffusion, num=8,
+                                   image_shape=(16, 16, 1), rng=jax.random.key(3),
+                                   sampler="cm_onestep", steps=1, batch_size=4, cm=experiment.cm)
+    ref = mnist_reference(config.data.data_dir)
+    assert one["rows"][0]["fd_mnist"] == pytest.approx(mnist_feature_distance(_at_32(imgs), ref),
+                                                       rel=1e-6)
+
+
+def test_eval_robustness_of_a_consistency_model(cm_eval, cm_run):
+    """The attack on the consistency function: r = 0 is the clean x_0 error, a radius makes it
+    larger, at the chain's noise levels of t; sampling with perturbed inputs: size 0 is the
+    clean cell (the same x_T and re-noising), a perturbation of size 0.1 moves the samples."""
+    from atdiff_jax.consistency.karras import vp_sigmas
+    from atdiff_jax.train.loop import restore_for_sampling
+    multi, _ = cm_eval
+    chain = restore_for_sampling(str(cm_run))[2].diffusion
+    rob = multi["robustness"]
+    a = rob["attack"]
+    assert rob["model"] == "cm" and a["t"] == [10, 50]
+    np.testing.assert_allclose(a["sigma"], vp_sigmas(chain.tables["alphas_cumprod"])[[10, 50]],
+                               rtol=1e-6)
+    x0c, x0a = np.asarray(a["x0_clean"]), np.asarray(a["x0_attacked"])
+    assert x0c.shape == x0a.shape == (2, 2)
+    np.testing.assert_allclose(x0a[:, 0], x0c[:, 0], rtol=1e-6)
+    assert np.all(x0a[:, 1] > x0c[:, 1]) and np.all(x0c[:, 0] == x0c[:, 1])
+    norms = np.asarray(a["delta_norm"])       # inside the l2 ball of radius 0.05 sqrt(16 * 16)
+    assert np.all(norms[:, 0] == 0) and np.all((norms[:, 1] > 0.4) & (norms[:, 1] <= 0.8 + 1e-5))
+    rows = {(r["sampler"], r["nfe"], r["kind"], r["size"]): r for r in rob["sampling"]["rows"]}
+    assert set(rows) == {(s, n, k, z) for s, n in (("cm_onestep", 1), ("cm_multistep", 2))
+                         for k in ("gaussian", "adversarial") for z in (0.0, 0.1)}
+    clean = multi["rows"][0]["fd_mnist"]
+    for kind in ("gaussian", "adversarial"):
+        assert rows["cm_multistep", 2, kind, 0.0]["fd_mnist"] == pytest.approx(clean, rel=1e-6)
+        assert rows["cm_multistep", 2, kind, 0.1]["fd_mnist"] != pytest.approx(clean, rel=1e-6)
+    assert rows["cm_onestep", 1, "gaussian", 0.0]["fd_mnist"] == pytest.approx(
+        rows["cm_onestep", 1, "adversarial", 0.0]["fd_mnist"], rel=1e-6)
+
+
+def test_eval_sampler_and_nfe_must_fit_the_run(cm_run, teacher_run, mnist_data_dir, cm_eval,
+                                               tmp_path):
+    from atdiff_jax.eval import report
+    kw = dict(data_dir=str(mnist_data_dir), num_samples=4)
+    with pytest.raises(report.EvalError, match=r"samplers \['ddim'\]: this workdir holds a "
+                       r"consistency model \(cm.kind='cd'\), whose samplers are \('cm_onestep', "
+                       r"'cm_multistep'\)"):
+        report.evaluate_workdir(str(cm_run), samplers=("ddim",), **kw)
+    with pytest.raises(report.EvalError, match=r"nfe \[1, 2\]: cm_onestep makes exactly one"):
+        report.evaluate_workdir(str(cm_run), samplers=("cm_onestep",), nfes=(1, 2), **kw)
+    with pytest.raises(report.EvalError, match=r"nfe \[1\]: cm_multistep makes 2 or more"):
+        report.evaluate_workdir(str(cm_run), samplers=("cm_multistep",), nfes=(1,), **kw)
+    with pytest.raises(report.EvalError, match=r"samplers \['cm_onestep'\]: this workdir holds a "
+                       r"diffusion \(DPM\) run, whose samplers are \('ddim', 'iddpm', 'es', "
+                       r"'dpm_solver'\)"):
+        report.evaluate_workdir(str(teacher_run), samplers=("cm_onestep",), nfes=(1,), **kw)
+    # atdiff eval's report lays CM cells out like DPM ones and has the students' robustness.
+    multi, one = cm_eval
+    out = report.write_report([multi, one], str(tmp_path / "rep"))
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| sampler | model | NFE 1 | NFE 2 |" in md
+    assert "| cm_onestep | cd_at | " in md and "| cm_multistep | cd_at | " in md
+    assert "consistency-function attack" in md and "| cm_multistep-2 | adversarial | 0.1 |" in md
+    assert sorted(p.rsplit("/", 1)[1] for p in out["plots"]) == ["fd_mnist_vs_nfe.png",
+                                                                 "robustness.png"]

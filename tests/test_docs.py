@@ -439,7 +439,7 @@ def check_atdiff_command(argv: list[str], complete: bool = True) -> list[str]:
         except (ValueError, TypeError) as e:
             problems.append(f"--{name}={value}: {e}")
             continue
-        allowed = {"metrics": report.METRICS, "samplers": report.EVAL_SAMPLERS}.get(bare)
+        allowed = {"metrics": report.METRICS, "samplers": report.ALL_EVAL_SAMPLERS}.get(bare)
         if allowed and any(v not in allowed for v in parsed):
             problems.append(f"--{name}={value}: allowed {allowed}")
         if bare == "nfe" and not all(v.isdigit() and int(v) > 0 for v in parsed):

@@ -28,6 +28,7 @@ def smoke_spec(data_dir):
     spec.eval.samplers = ("ddim",)
     spec.eval.nfes = (3,)
     spec.eval.robustness = False         # covered by test_robustness / test_eval_report
+    spec.cm.enabled = False              # the CM stage: test_cm_stage_* below
     return spec
 
 
@@ -360,8 +361,9 @@ def test_init_workdir_errors(smoke, tmp_path):
 
 @pytest.mark.slow
 def test_full_smoke_experiment_from_the_cli(tmp_path, mnist_data_dir):
-    """configs/experiments/smoke.py as it is (all arms, two seeds, two samplers, robustness)
-    through `atdiff experiment`; a SIGTERM mid-run exits 3 and the rerun finishes it."""
+    """configs/experiments/smoke.py as it is (all arms, two seeds, two samplers, robustness, the
+    CM stage) through `atdiff experiment`; a SIGTERM mid-run exits 3 and the rerun finishes
+    it."""
     import os
     import signal
     import subprocess
@@ -383,13 +385,19 @@ def test_full_smoke_experiment_from_the_cli(tmp_path, mnist_data_dir):
     assert res.returncode == 0, res.stderr[-3000:]
     results = json.loads((root / "results.json").read_text())
     arms = {"clean", "ddpm_ip", "fast_at", "clean_kx", "pgd_at", "clean_kx@wallclock"}
-    assert {(r["label"], r["seed"]) for r in results["rows"]} == (
-        {("start", -1)} | {(a, s) for a in arms for s in (0, 1) if a != "pgd_at"}
-        | {("pgd_at", 0)})
-    assert {r["sampler"] for r in results["rows"]} == {"ddim", "dpm_solver"}
-    assert {(r["label"], r["seed"]) for r in results["robustness"]} == (
-        {("start", -1)} | {(a, s) for a in arms for s in (0, 1) if a != "pgd_at"}
-        | {("pgd_at", 0)})
+    # the CM stage: CD clean and CD + fast AT on both seeds, the clean-teacher ablation on seed 0
+    cm_runs = {(a, s) for a in ("cd_clean", "cd_at") for s in (0, 1)} | {
+        ("cd_at_teacher_clean", 0)}
+    runs = ({("start", -1)} | {(a, s) for a in arms for s in (0, 1) if a != "pgd_at"}
+            | {("pgd_at", 0)})
+    assert {(r["label"], r["seed"]) for r in results["rows"]} == runs | cm_runs
+    assert {r["sampler"] for r in results["rows"]} == {"ddim", "dpm_solver", "cm_onestep",
+                                                       "cm_multistep"}
+    assert {(r["label"], r["seed"]) for r in results["robustness"]} == runs | cm_runs
+    assert {(r["sampler"], r["nfe"]) for r in results["rows"] if r["label"] == "cd_at"} == {
+        ("cm_onestep", 1), ("cm_multistep", 2), ("cm_multistep", 4)}
+    assert set(results["cm"]["paired"]) == {"cd_at|cd_clean", "cd_at_teacher_clean|cd_clean"}
+    assert results["cm"]["paired"]["cd_at|cd_clean"]["cm_multistep|4"]["n"] == 2
     # robustness under sampling: mean ± std over the two training seeds of an arm
     rob = {(r["label"], r["seed"]): r["sampling"]["rows"][-1]["fd_mnist"]
            for r in results["robustness"]}
@@ -398,3 +406,226 @@ def test_full_smoke_experiment_from_the_cli(tmp_path, mnist_data_dir):
     assert f"{np.mean(fast):.3f} ± {np.std(fast, ddof=1):.3f} |" in report
     summ = results["summary"]["fd_mnist"]
     assert summ["fast_at|ddim|2"]["n"] == 2 and summ["pgd_at|ddim|2"]["n"] == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The consistency-model stage (spec.cm): consistency distillation from the start checkpoint
+
+
+def cm_smoke_spec(data_dir):
+    """smoke_spec with its CM stage on: the CM arms of configs/experiments/smoke.py (tiny CD
+    students of the tiny pre-training, 2 minibatches each)."""
+    spec = smoke_spec(data_dir)
+    spec.cm.enabled = True
+    return spec
+
+
+def test_old_specs_have_no_cm_stage_and_bad_cm_fields_are_named(mnist_data_dir, tmp_path):
+    old = study.load_spec(str(ROOT / "configs" / "experiments" / "mnist.py"))   # no spec.cm
+    assert study.cm_spec(old) is None and study.cm_spec(smoke_spec(mnist_data_dir)) is None
+
+    def bad(edit, message):
+        spec = cm_smoke_spec(mnist_data_dir)
+        edit(spec.cm)
+        with pytest.raises(study.StudyError, match=message):
+            study.validate_spec(spec)
+        spec.cm.enabled = False       # a disabled stage is not checked
+        study.validate_spec(spec)
+
+    bad(lambda c: setattr(c, "arm_order", ("cd_clean", "nope")),
+        r"spec.cm.arm_order names arms without a spec.cm.arms entry: \['nope'\]")
+    bad(lambda c: c.arms.update({"clean": c.arms.cd_clean.to_dict()}) or setattr(
+        c, "arm_order", ("cd_clean", "clean")), r"spec.cm.arm_order: \['clean'\] are names of DPM")
+    bad(lambda c: setattr(c.arms.cd_at, "minibatch_factor", 2),
+        r"spec.cm.arms.cd_at: unknown field\(s\) \['minibatch_factor'\]")
+    bad(lambda c: setattr(c, "baseline", "cd_x"), "spec.cm.baseline='cd_x' is not an arm")
+    bad(lambda c: setattr(c, "seeds", (0, 5)), r"spec.cm.seeds must be training seeds of "
+                                               r"spec.seeds \(0,\)")
+    bad(lambda c: setattr(c.arms.cd_at_teacher_clean, "seeds", (2,)),
+        r"spec.cm.arms.cd_at_teacher_clean.seeds: \[2\] are not seeds of the CM stage")
+    bad(lambda c: setattr(c, "num_minibatches", 0), "spec.cm.num_minibatches must be an integer")
+    bad(lambda c: setattr(c, "samplers", ("cm_onestep", "ddim")),
+        "spec.cm.samplers must be distinct samplers from")
+    bad(lambda c: setattr(c, "nfes", (2, 4)), r"spec.cm.nfes \(2, 4\) lacks 1, the NFE of "
+                                              r"cm_onestep")
+    bad(lambda c: setattr(c, "nfes", (1,)), r"spec.cm.nfes \(1,\) has no NFE >= 2 for "
+                                            r"cm_multistep")
+    bad(lambda c: setattr(c, "samplers", ("cm_onestep",)),
+        r"spec.cm.nfes: NFEs \[2, 4\] are cm_multistep's, which spec.cm.samplers")
+    bad(lambda c: setattr(c, "samplers", ("cm_multistep",)),
+        r"spec.cm.nfes: NFE 1 is cm_onestep's")
+    bad(lambda c: setattr(c, "robustness_seeds", (3,)),
+        r"spec.cm.robustness_seeds: \[3\] are not seeds of the CM stage")
+    bad(lambda c: delattr(c, "baseline"), "spec.cm.baseline is missing")
+    # Configs: a DPM config, and a student network that is not the teacher's, are refused
+    # before anything is written.
+    spec = cm_smoke_spec(mnist_data_dir)
+    spec.cm.config = "configs/tiny.py"
+    with pytest.raises(study.StudyError, match=r"spec.cm.config 'configs/tiny.py' \(with "
+                       r"spec.cm.arms.cd_clean.overrides\) trains a diffusion model"):
+        study.run_experiment(spec, tmp_path / "a")
+    spec = cm_smoke_spec(mnist_data_dir)
+    spec.cm.overrides.model = {"num_res_blocks": 2}
+    with pytest.raises(study.StudyError, match=r"spec.cm.arms.cd_clean \(spec.cm.config "
+                       r"'configs/tiny_cm.py'\): config does not match the teacher run in .*"
+                       r"model.num_res_blocks: 2 here, 1 in the teacher"):
+        study.run_experiment(spec, tmp_path / "b")
+    spec = cm_smoke_spec(mnist_data_dir)
+    spec.cm.arms.cd_at.overrides.cm.kindd = "cd"
+    with pytest.raises(study.StudyError, match="spec.cm.arms.cd_at.overrides: unknown config "
+                                               "option 'cm.kindd'"):
+        study.run_experiment(spec, tmp_path / "c")
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
+def test_at_effect_cm_section_distils_the_start_with_the_dpm_at_recipe(tmp_path):
+    """mnist_at_effect.py's CM stage (issue 17 point 4): CD clean vs CD + the DPM arms' fast AT
+    (same K, step, radius), the teacher's step from the clean point as a one-seed ablation; the
+    students' network is the pre-training's (checked as the run will check its teacher)."""
+    spec = study.load_spec(str(ROOT / "configs" / "experiments" / "mnist_at_effect.py"))
+    cm = spec.cm
+    assert tuple(cm.arm_order) == ("cd_clean", "cd_at", "cd_at_teacher_clean")
+    assert study.cm_seeds(spec) == (0, 1, 2) and study.cm_arm_seeds(spec, "cd_at_teacher_clean") == (0,)
+    assert study.cm_nfes(cm, "cm_onestep") == (1,) and study.cm_nfes(cm, "cm_multistep") == (2, 4)
+    pre = study.pretrain_config(spec, tmp_path, "data")
+    study.check_cm_configs(spec, tmp_path, "data", pre)
+    configs = {a: study.cm_arm_config(spec, a, 1, tmp_path, "data", 10000) for a in cm.arm_order}
+    for c in configs.values():
+        assert c.cm.kind == "cd" and c.cm.init_from_teacher and c.model == pre.model
+        assert (c.teacher.workdir, c.teacher.step) == (str(tmp_path / "pretrain"), 10000)
+        assert c.train.num_minibatches == 1000 and c.seed == spec.finetune.base_seed + 1
+    dpm_at = study.arm_config(spec, "fast_at", 1, tmp_path, "data", 10000).adv
+    at = configs["cd_at"].adv
+    assert (at.kind, at.steps, at.step_size, at.max_norm, at.norm) == (
+        "fast", dpm_at.steps, dpm_at.step_size, dpm_at.max_norm, dpm_at.norm) == (
+        "fast", 3, 0.1, 0.1, "l2")
+    assert configs["cd_clean"].adv.kind == "none"
+    assert configs["cd_at"].cm.teacher_from_perturbed is True
+    ablation = configs["cd_at_teacher_clean"].to_dict()
+    assert ablation["cm"].pop("teacher_from_perturbed") is False
+    ref = configs["cd_at"].to_dict()
+    ref["cm"].pop("teacher_from_perturbed")
+    assert ablation == ref
+    clean = configs["cd_clean"].to_dict()
+    assert clean["cm"].pop("teacher_from_perturbed") is True     # unused without AT
+    clean.pop("adv"), ref.pop("adv")
+    assert clean == ref   # the arms differ only by their own options
+
+
+def _cm_rows():
+    """Synthetic evaluation rows: two CM arms on seeds 0 and 1 (the ablation on 0), one DPM arm."""
+    rows = []
+    for seed in (0, 1):
+        for arm, base in (("cd_clean", 10.0), ("cd_at", 8.0), ("cd_at_teacher_clean", 9.0)):
+            if arm == "cd_at_teacher_clean" and seed:
+                continue
+            for sampler, nfe in (("cm_onestep", 1), ("cm_multistep", 2), ("cm_multistep", 4)):
+                rows.append({"label": arm, "seed": seed, "eval_seed": 0, "step": 2,
+                             "sampler": sampler, "nfe": nfe, "num_samples": 8,
+                             "fd_mnist": base + 2.0 * seed - nfe, "confidence": 0.5})
+        rows.append({"label": "clean", "seed": seed, "eval_seed": 0, "step": 2, "sampler": "ddim",
+                     "nfe": 3, "num_samples": 8, "fd_mnist": 20.0 + seed, "confidence": 0.3})
+    return rows
+
+
+def _cm_robustness(label, seed, scale):
+    return {"label": label, "seed": seed, "model": "cm",
+            "attack": {"t": [10, 50], "sigma": [0.186, 1.04], "radius": [0.0, 0.05],
+                       "x0_clean": [[0.1, 0.1], [0.5, 0.5]],
+                       "x0_attacked": [[0.1, 0.2 * scale], [0.5, 0.7 * scale]]},
+            "sampling": {"num_samples": 8, "rows": [
+                {"sampler": s, "nfe": n, "kind": k, "size": z, "fd_mnist": 5.0 * scale + z,
+                 "confidence": 0.5} for s, n in (("cm_onestep", 1), ("cm_multistep", 2))
+                for k in ("gaussian", "adversarial") for z in (0.0, 0.1)]}}
+
+
+def test_cm_report_tables_paired_differences_and_plot(mnist_data_dir, tmp_path):
+    from atdiff_jax.experiment.render import write_report
+    spec = cm_smoke_spec(mnist_data_dir)
+    rob = [_cm_robustness("cd_at", 0, 1.0), _cm_robustness("cd_at", 1, 2.0)]
+    write_report(spec, tmp_path, ["start", "clean"], rows=_cm_rows(), robustness=rob,
+                 extra={"wall": {"cd_at/seed0": 12.0, "cd_at/seed1": 14.0}})
+    text = (tmp_path / "report.md").read_text()
+    # the DPM tables keep their own NFEs; the CM tables: rows sampler x CM arm, columns NFE
+    assert "| sampler | arm | NFE 3 |" in text and "| ddim | clean | 20.50 ± 0.71 |" in text
+    assert "| sampler | CM arm | NFE 1 | NFE 2 | NFE 4 |" in text
+    assert "| cm_onestep | cd_at | 8.00 ± 1.41 |  |  |" in text
+    assert "| cm_multistep | cd_clean |  | 9.00 ± 1.41 | 7.00 ± 1.41 |" in text
+    assert "| cm_multistep | cd_at_teacher_clean |  | 7.00 | 5.00 |" in text
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert set(results["summary"]["fd_mnist"]) == {"clean|ddim|3"}
+    summ = results["cm"]["summary"]["fd_mnist"]
+    assert summ["cd_at|cm_multistep|4"]["values"] == [4.0, 6.0]
+    # paired per seed against the clean CD arm: (7 - 9) / 9 and (9 - 11) / 11 at NFE 1
+    d = results["cm"]["paired"]["cd_at|cd_clean"]["cm_onestep|1"]
+    assert d["values"] == pytest.approx([-200 / 9, -200 / 11]) and d["wins"] == 2
+    assert set(results["cm"]["paired"]) == {"cd_at|cd_clean", "cd_at_teacher_clean|cd_clean"}
+    assert results["cm"]["paired"]["cd_at_teacher_clean|cd_clean"]["cm_multistep|2"]["n"] == 1
+    assert "| cd_at vs cd_clean | cm_onestep | -20.2 ± 2.9 (" in text
+    # the students' robustness: attacked x_0 MSE (mean over seeds), perturbed sampling
+    assert "| cd_at | 50 (1.04) | 0.5000 | 1.0500 |" in text
+    assert "cm_multistep-2 adversarial 0.1" in text and "| cd_at | 7.500 ± 3.536 |" in text
+    assert "| cd_at | 2 | 13 |" in text    # cost: minibatches, mean train wall time
+    assert len([r for r in results["rows"] if r["sampler"].startswith("cm_")]) == 15
+    assert (tmp_path / "cm_fd_mnist_vs_nfe.png").stat().st_size > 1000
+
+
+@pytest.fixture(scope="module")
+def cm_stage(smoke, tmp_path_factory):
+    """The CM stage end to end, on a root holding a copy of the smoke fixture's finished
+    pre-training, gate and start cells (reused, not redone; the clean arm's 2 minibatches are
+    retrained, its config names this root's pre-training): one CM arm (clean CD: AT's K-step
+    program costs K x the compile and is covered by test_cm_train) of seed 0 is trained from the
+    start checkpoint, evaluated (cm_onestep at NFE 1, cm_multistep at 2) with the
+    consistency-function attack (2 PGD steps), and reported."""
+    spec0, root0, _ = smoke
+    root = tmp_path_factory.mktemp("study_cm") / "exp"
+    for part in ("pretrain", "eval/start"):
+        shutil.copytree(root0 / part, root / part)
+    shutil.copy(root0 / "gate.json", root / "gate.json")
+    spec = cm_smoke_spec(spec0.data_dir)
+    spec.arm_order = ("clean",)
+    spec.wallclock.enabled = False
+    spec.cm.arm_order = ("cd_clean",)
+    spec.cm.baseline = "cd_clean"
+    spec.cm.nfes = (1, 2)
+    spec.cm.robustness_seeds = (0,)
+    spec.eval.robustness_sizes = ()      # the attack only (perturbed sampling: test_cm_train)
+    spec.eval.robustness_pgd_steps = 2
+    report = study.run_experiment(spec, root)
+    return spec, root, report
+
+
+def test_cm_stage_trains_evaluates_and_reports(cm_stage):
+    spec, root, report = cm_stage
+    from atdiff_jax.train.loop import restore_state
+    state, config = restore_state(str(root / "cm" / "cd_clean" / "seed0"))
+    assert (int(state.step), int(state.updates)) == (2, 2)
+    assert config.cm.kind == "cd" and config.adv.kind == "none" and config.seed == 100
+    assert (config.teacher.workdir, config.teacher.step) == (str(root / "pretrain"), 4)
+    cells = root / "eval" / "cd_clean" / "seed0"
+    one = json.loads((cells / "cm_onestep_e0.json").read_text())
+    multi = json.loads((cells / "cm_multistep_e0.json").read_text())
+    assert one["step"] == multi["step"] == 2
+    assert [(r["sampler"], r["nfe"]) for r in one["rows"] + multi["rows"]] == [
+        ("cm_onestep", 1), ("cm_multistep", 2)]
+    results = json.loads((root / "results.json").read_text())
+    fd = {(r["sampler"], r["nfe"]): r["fd_mnist"] for r in results["rows"]
+          if r["label"] == "cd_clean"}
+    assert len(fd) == 2 and all(np.isfinite(v) and v > 1.0 for v in fd.values())
+    assert {r["label"] for r in results["rows"]} == {"start", "clean", "cd_clean"}
+    rob = [r for r in results["robustness"] if r["label"] == "cd_clean"]
+    assert len(rob) == 1 and rob[0]["model"] == "cm" and "sampling" not in rob[0]
+    assert np.asarray(rob[0]["attack"]["x0_attacked"]).shape == (2, 2)
+    text = report.read_text()
+    assert f"| cm_onestep | cd_clean | {fd['cm_onestep', 1]:.2f} |  |" in text
+    assert "### CM: robustness" in text and (root / "cm_fd_mnist_vs_nfe.png").is_file()
+    assert "cd_clean/seed0" in json.loads((root / "wall_seconds.json").read_text())
+    # Rerunning reuses the CM run and its cells (nothing is retrained or re-evaluated).
+    files = list((root / "eval" / "cd_clean").rglob("*.json"))
+    mtimes = {p: p.stat().st_mtime_ns for p in files}
+    ckpt = root / "cm" / "cd_clean" / "seed0" / "checkpoints"
+    ckpts = sorted(p.name for p in ckpt.iterdir())
+    study.run_experiment(spec, root)
+    assert {p: p.stat().st_mtime_ns for p in files} == mtimes
+    assert sorted(p.name for p in ckpt.iterdir()) == ckpts

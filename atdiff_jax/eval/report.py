@@ -18,10 +18,15 @@ One protocol everywhere (the FID protocol of the docs):
   (:func:`atdiff_jax.experiment.stats.paired_bootstrap`).
 * **robustness**: the PGD denoiser attack over a grid of (t, radius) on test images, and the
   MNIST feature distance of DDIM samples whose intermediate states are perturbed (Gaussian and
-  adversarial), see :mod:`atdiff_jax.eval.robustness`.
+  adversarial), see :mod:`atdiff_jax.eval.robustness`. Consistency models (Karras ``cd`` /
+  ``ct`` students): the PGD attack on the consistency function's x_0 error at the noise levels
+  of the same timesteps, and one-step / two-step sampling with the input of every network
+  evaluation perturbed (:data:`CM_ROBUSTNESS_SAMPLING`).
 
-Samplers: ``ddim``, ``iddpm``, ``es`` (IDDPM with epsilon scaling ``es_scale``, Ning et al. 2024)
-and ``dpm_solver`` (DPM-Solver++(2M)); the NFE is the number of network evaluations.
+Samplers of diffusion (DPM) runs: ``ddim``, ``iddpm``, ``es`` (IDDPM with epsilon scaling
+``es_scale``, Ning et al. 2024) and ``dpm_solver`` (DPM-Solver++(2M)); of consistency-model runs:
+``cm_onestep`` (NFE 1) and ``cm_multistep`` (NFE >= 2). The NFE is the number of network
+evaluations.
 
 Results go to ``<workdir>/eval/<step>/results.json``; :func:`write_report` turns the results of
 one or more runs into ``report.md`` (tables laid out like the paper's: rows sampler x model,
@@ -30,6 +35,7 @@ columns NFE) and PNG plots. Workdirs, output and cache directories are ``etils.e
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -37,13 +43,18 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
 from atdiff_jax.paths import workdir_path, write_atomic
-from atdiff_jax.samplers import EVAL_SAMPLERS
+from atdiff_jax.samplers import CM_SAMPLERS, EVAL_SAMPLERS
 
 METRICS = ("fd_mnist", "fid", "robustness")
+# every sampler `atdiff eval` takes, in the order of the report's tables
+ALL_EVAL_SAMPLERS = EVAL_SAMPLERS + CM_SAMPLERS
+# the consistency-model robustness evaluation's samplers under perturbation: (sampler, NFE)
+CM_ROBUSTNESS_SAMPLING = (("cm_onestep", 1), ("cm_multistep", 2))
 DEFAULT_ES_SCALE = 1.017  # ES's λ in the authors' CIFAR-10 script (docs/method.md, "Baselines")
 
 
@@ -60,6 +71,12 @@ def _check_choices(name: str, values: Sequence[str], allowed: Sequence[str]) -> 
 def _sample(model, params, experiment, *, sampler: str, nfe: int, num: int, seed: int,
             batch_size: int, es_scale: float) -> np.ndarray:
     from atdiff_jax.samplers import generate
+    if experiment.cm is not None:
+        images, _ = generate(model, params, experiment.diffusion, num=num,
+                             image_shape=experiment.image_shape, rng=jax.random.key(seed),
+                             sampler=sampler, steps=nfe, batch_size=batch_size,
+                             num_classes=experiment.sample_classes, cm=experiment.cm)
+        return images
     cfg_model = experiment.model
     shape = (cfg_model.image_size, cfg_model.image_size, cfg_model.in_channels)
     images, _ = generate(model, params, experiment.diffusion, num=num, image_shape=shape,
@@ -159,6 +176,129 @@ def features_path(results_file: str | os.PathLike) -> epath.Path:
     (sample ``i`` of every model starts from the same x_T)."""
     p = epath.Path(results_file)
     return p.with_name(p.name.removesuffix(".json") + ".features.npz")
+def check_run_samplers(experiment, samplers: Sequence[str], nfes: Sequence[int],
+                       where: str = "this workdir") -> None:
+    """Raises :class:`EvalError` unless ``samplers`` (at every NFE of ``nfes``) are samplers of
+    the run: ``EVAL_SAMPLERS`` for a diffusion (DPM) run, ``CM_SAMPLERS`` for a consistency model,
+    where ``cm_onestep`` makes exactly 1 network evaluation and ``cm_multistep`` 2 or more (an LCM
+    student at most one per DDIM timestep of its chain)."""
+    nfes = [int(n) for n in nfes]
+    if experiment.cm is None:
+        wrong = [s for s in samplers if s not in EVAL_SAMPLERS]
+        if wrong:
+            raise EvalError(f"samplers {wrong}: {where} holds a diffusion (DPM) run, whose "
+                            f"samplers are {EVAL_SAMPLERS} ({CM_SAMPLERS} sample consistency "
+                            "models)")
+        return
+    wrong = [s for s in samplers if s not in CM_SAMPLERS]
+    if wrong:
+        raise EvalError(f"samplers {wrong}: {where} holds a consistency model (cm.kind="
+                        f"{experiment.cm.kind!r}), whose samplers are {CM_SAMPLERS} (cm_onestep at "
+                        "nfe 1, cm_multistep at nfe >= 2)")
+    if "cm_onestep" in samplers and any(n != 1 for n in nfes):
+        raise EvalError(f"nfe {nfes}: cm_onestep makes exactly one network evaluation (nfe 1); "
+                        "evaluate cm_multistep at nfe >= 2 in a call of its own")
+    if "cm_multistep" in samplers:
+        if any(n < 2 for n in nfes):
+            raise EvalError(f"nfe {nfes}: cm_multistep makes 2 or more network evaluations "
+                            "(nfe 1 is cm_onestep)")
+        if experiment.cm.kind == "lcm":
+            from atdiff_jax.consistency.lcm import ddim_timesteps
+            most = len(ddim_timesteps(experiment.diffusion.num_timesteps,
+                                      experiment.cm.lcm.skip))
+            if max(nfes) > most:
+                raise EvalError(f"nfe {nfes}: this LCM run has {most} DDIM timesteps "
+                                "(diffusion.steps / cm.lcm.skip); cm_multistep takes nfe <= "
+                                f"{most}")
+
+
+@functools.lru_cache(maxsize=16)
+def _cm_denoise_fn(model, denoiser):
+    """The student's unclamped consistency function ``f(params, x, sigma)``: one stable function
+    per (network, denoiser), so the compiled attacks and samplers of one network are reused for
+    every run of it (the experiment evaluates many)."""
+    def apply_fn(p, x, t, y, rng):
+        return model.apply({"params": p}, x, t, y=y, train=False)
+
+    return lambda p, x, sigma: denoiser.denoise(apply_fn, p, x, sigma)[1]
+
+
+@functools.partial(jax.jit, static_argnames=("denoise_fn", "sigmas", "noise_scales",
+                                             "sigma_max", "kind"))
+def _perturbed_cm_sample(params, z, key, perturb_key, size, *, denoise_fn, sigmas, noise_scales,
+                         sigma_max, kind):
+    from atdiff_jax.eval.robustness import perturbed_cm_sample
+    return perturbed_cm_sample(lambda x, s: denoise_fn(params, x, s), z, key, perturb_key,
+                               sigmas=sigmas, noise_scales=noise_scales, sigma_max=sigma_max,
+                               kind=kind, size=size)
+
+
+def _cm_robustness(model, params, experiment, config, data_dir: str, *, seed: int,
+                   t_values: Sequence[int], radii: Sequence[float], norm: str, pgd_steps: int,
+                   num_images: int, sample_sizes: Sequence[float], num_samples: int,
+                   mnist_ref, batch_size: int) -> dict:
+    """The robustness evaluation of a Karras consistency model (cd / ct): the PGD attack on the
+    consistency function at the chain's noise levels of ``t_values`` (EDM-scale δ, the x_0
+    error), and :data:`CM_ROBUSTNESS_SAMPLING` with every network input perturbed (VP-scale
+    sizes, as the DPM's DDIM-10 rows), see :mod:`atdiff_jax.eval.robustness`."""
+    from atdiff_jax.consistency.samplers import multistep_sigmas
+    from atdiff_jax.data.pipeline import load_examples, to_model_range
+    from atdiff_jax.eval import robustness
+    from atdiff_jax.eval.mnist_fd import classifier_precision, mnist_feature_distance
+    from atdiff_jax.samplers import batch_shardings, multistep_ts, to_uint8
+
+    def spread(x):
+        sh = batch_shardings(x.shape[0])
+        return jax.device_put(x, sh[0]) if sh is not None else x
+
+    cm = experiment.cm
+    den = cm.denoiser
+    denoise_fn = _cm_denoise_fn(model, den)      # unclamped: the attack needs gradients
+    sigmas = robustness.chain_sigmas(experiment.diffusion, t_values, sigma_min=den.sigma_min,
+                                     sigma_max=den.sigma_max)
+    x0 = to_model_range(load_examples(config.data.dataset, data_dir=data_dir, split="test",
+                                      num_examples=num_images,
+                                      image_size=config.model.image_size))
+    attack = robustness.consistency_attack(denoise_fn, params, spread(jax.numpy.asarray(x0)),
+                                           jax.random.key(seed), sigmas=sigmas, radii=radii,
+                                           norm=norm, steps=pgd_steps)
+    attack["t"] = np.asarray(t_values)
+    out = {"model": "cm", "attack": {k: np.asarray(v).tolist() for k, v in attack.items()},
+           "attack_settings": {"norm": norm, "pgd_steps": pgd_steps, "num_images": num_images,
+                               "scale": "edm"}}
+    if mnist_ref is None or not sample_sizes:
+        return out
+    rows = []
+    for sampler, nfe in CM_ROBUSTNESS_SAMPLING:
+        if sampler == "cm_onestep":
+            from atdiff_jax.consistency.karras import karras_sigmas
+            sig = karras_sigmas(cm.sample_scales, den.sigma_min, den.sigma_max, den.rho)[:1]
+            scales = np.zeros(1, np.float32)
+        else:
+            sig, scales = multistep_sigmas(multistep_ts(cm.sample_scales, nfe),
+                                           steps=max(cm.sample_scales, nfe + 1),
+                                           sigma_min=den.sigma_min, sigma_max=den.sigma_max,
+                                           rho=den.rho)
+        static = dict(denoise_fn=denoise_fn, sigmas=tuple(map(float, sig)),
+                      noise_scales=tuple(map(float, scales)), sigma_max=float(den.sigma_max))
+        for kind in robustness.PERTURB_KINDS:
+            for size in sample_sizes:
+                imgs = []
+                for b, start in enumerate(range(0, num_samples, batch_size)):
+                    n = min(batch_size, num_samples - start)
+                    key = jax.random.fold_in(jax.random.key(seed), b)
+                    z = jax.random.normal(jax.random.fold_in(key, 0),
+                                          (batch_size,) + experiment.image_shape)
+                    x = _perturbed_cm_sample(params, spread(z), jax.random.fold_in(key, 2),
+                                             jax.random.fold_in(key, 3), jnp.float32(size),
+                                             kind=kind, **static)
+                    imgs.append(to_uint8(np.asarray(x))[:n])
+                imgs = np.concatenate(imgs)
+                rows.append({"sampler": sampler, "nfe": nfe, "kind": kind, "size": float(size),
+                             "fd_mnist": mnist_feature_distance(_at_32(imgs), mnist_ref),
+                             "confidence": classifier_precision(_at_32(imgs))["mean_confidence"]})
+    out["sampling"] = {"num_samples": num_samples, "scale": "vp", "rows": rows}
+    return out
 
 
 def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
@@ -183,8 +323,8 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
     ``fid_reference_num`` limits the FID reference to the first N training images (None: the
     whole split, the protocol; smaller values are for smoke tests). ``robustness_t`` are the
     denoiser attack's timesteps, each in [0, T) (None: 5%, 20%, 50%, 80% of the run's T,
-    :func:`atdiff_jax.eval.robustness.attack_timesteps`). The sampling under perturbation runs
-    DDIM with ``robustness_nfe`` steps (10 by default). MNIST runs whose models are
+    :func:`atdiff_jax.eval.robustness.attack_timesteps`). A DPM's sampling under perturbation
+    runs DDIM with ``robustness_nfe`` steps (10 by default). MNIST runs whose models are
     not 32x32 are scored by ``fd_mnist`` after a bilinear resize to 32x32.
 
     ``save_features`` (needs ``fd_mnist``) also writes the classifier features ``fd_mnist`` was
@@ -192,18 +332,24 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
     ``features_file`` then names it); ``fd_mnist`` is
     ``frechet_distance(*feature_statistics(features), *mnist_reference(data_dir))`` of them.
 
+    A consistency-model run is sampled with ``cm_onestep`` (``nfes=(1,)``) or ``cm_multistep``
+    (every NFE >= 2) and scored the same way; its robustness evaluation is
+    :func:`_cm_robustness` (``robustness_t`` are then timesteps of the run's chain, whose noise
+    levels the attack uses).
+
     Raises:
-      EvalError: unknown metric/sampler, NFE < 1, a metric that does not apply to the run
-        (``fd_mnist`` on another dataset), missing Inception weights for ``fid``, a
-        ``robustness_t`` outside [0, T), ``robustness_nfe`` < 1, or ``save_features`` without
-        ``fd_mnist``.
+      EvalError: unknown metric/sampler, NFE < 1, a sampler or NFE that does not fit the run
+        (:func:`check_run_samplers`), a metric that does not apply to the run (``fd_mnist`` on
+        another dataset, ``robustness`` of an LCM student), missing Inception weights for
+        ``fid``, a ``robustness_t`` outside [0, T), ``robustness_nfe`` < 1, or ``save_features``
+        without ``fd_mnist``.
     """
     from atdiff_jax.eval.robustness import attack_timesteps
     from atdiff_jax.train.checkpoint import create_manager
     from atdiff_jax.train.loop import default_data_dir, restore_for_sampling
 
     _check_choices("metrics", metrics, METRICS)
-    _check_choices("samplers", samplers, EVAL_SAMPLERS)
+    _check_choices("samplers", samplers, ALL_EVAL_SAMPLERS)
     if not nfes or any(int(n) < 1 for n in nfes):
         raise EvalError(f"nfe must be a non-empty list of integers >= 1, got {list(nfes)}")
     if num_samples < 2:
@@ -216,9 +362,10 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
                         f"fd_mnist, got {list(metrics)}")
     model, params, experiment, config = restore_for_sampling(workdir, step=step,
                                                              ema_rate=ema_rate)
-    if "cm" in config and config.cm.kind != "none":
-        raise EvalError("atdiff eval scores diffusion (DPM) runs; this workdir holds a "
-                        f"consistency model (cm.kind={config.cm.kind!r})")
+    check_run_samplers(experiment, samplers, nfes)
+    if "robustness" in metrics and experiment.cm is not None and experiment.cm.kind == "lcm":
+        raise EvalError("metrics: the robustness evaluation of consistency models covers the "
+                        "Karras students (cm.kind 'cd' / 'ct'); this workdir holds an LCM student")
     if "robustness" in metrics:
         try:
             robustness_t = attack_timesteps(experiment.diffusion.num_timesteps, robustness_t)
@@ -275,12 +422,14 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
                "ema_rate": ema_rate, "seed": seed, "dataset": config.data.dataset,
                "es_scale": es_scale, "metrics": list(metrics), "rows": rows}
     if "robustness" in metrics:
-        results["robustness"] = _robustness(
+        # a DPM's perturbed sampling is DDIM-<robustness_nfe>; a CM's, CM_ROBUSTNESS_SAMPLING
+        robust_fn = (_cm_robustness if experiment.cm is not None
+                     else functools.partial(_robustness, nfe=robustness_nfe))
+        results["robustness"] = robust_fn(
             model, params, experiment, config, data_dir, seed=seed, t_values=robustness_t,
             radii=robustness_radii, norm=robustness_norm, pgd_steps=robustness_pgd_steps,
             num_images=robustness_images, sample_sizes=robustness_sizes,
-            num_samples=robustness_samples, nfe=robustness_nfe, mnist_ref=mnist_ref,
-            batch_size=batch_size)
+            num_samples=robustness_samples, mnist_ref=mnist_ref, batch_size=batch_size)
     path = out_file or workdir_path(workdir) / "eval" / str(results["step"]) / "results.json"
     if save_features:   # first: a results file that names its features file has it
         feat_path = features_path(path)
@@ -334,7 +483,7 @@ def _table(results: Sequence[dict], metric: str) -> str:
     nfes = sorted({r["nfe"] for res in results for r in res["rows"] if metric in r})
     if not nfes:
         return ""
-    samplers = [s for s in EVAL_SAMPLERS
+    samplers = [s for s in ALL_EVAL_SAMPLERS
                 if any(r["sampler"] == s for res in results for r in res["rows"])]
     rows = []
     for s in samplers:
@@ -351,6 +500,9 @@ def _robustness_tables(results: Sequence[dict]) -> str:
     for res in results:
         rob = res.get("robustness")
         if not rob:
+            continue
+        if rob.get("model") == "cm":
+            out += _cm_robustness_table(res["label"], rob)
             continue
         a = rob["attack"]
         radii = a["radius"]
@@ -376,6 +528,28 @@ def _robustness_tables(results: Sequence[dict]) -> str:
     return "\n".join(out)
 
 
+def _cm_robustness_table(label: str, rob: dict) -> list[str]:
+    """The lines of one consistency model's robustness tables (:func:`_cm_robustness`)."""
+    a = rob["attack"]
+    radii = a["radius"]
+    out = [f"**{label}** — consistency-function attack ({rob['attack_settings']['norm']}, "
+           f"{rob['attack_settings']['pgd_steps']} PGD steps, EDM-scale radius): x_0 MSE clean / "
+           "attacked",
+           "| t (sigma) | " + " | ".join(f"r={r:g}" for r in radii) + " |",
+           "|---|" + "---|" * len(radii)]
+    for i, (t, sig) in enumerate(zip(a["t"], a["sigma"])):
+        cells = [f"{a['x0_clean'][i][j]:.4f} / {a['x0_attacked'][i][j]:.4f}"
+                 for j in range(len(radii))]
+        out.append(f"| {t} ({sig:.3g}) | " + " | ".join(cells) + " |")
+    if "sampling" in rob:
+        out += ["", f"**{label}** — consistency sampling with every network input perturbed "
+                "(VP-scale size; MNIST feature distance)",
+                "| sampler | perturbation | size | fd_mnist | confidence |", "|---|---|---|---|---|"]
+        out += [f"| {r['sampler']}-{r['nfe']} | {r['kind']} | {r['size']:g} | "
+                f"{r['fd_mnist']:.3f} | {r['confidence']:.3f} |" for r in rob["sampling"]["rows"]]
+    return out
+
+
 def _plots(results: Sequence[dict], out: epath.Path) -> list[str]:
     plt = pyplot()
     written = []
@@ -384,7 +558,7 @@ def _plots(results: Sequence[dict], out: epath.Path) -> list[str]:
             continue
         fig, ax = plt.subplots(figsize=(6, 4))
         for res in results:
-            for s in EVAL_SAMPLERS:
+            for s in ALL_EVAL_SAMPLERS:
                 pts = sorted((r["nfe"], r[metric]) for r in res["rows"]
                              if r["sampler"] == s and metric in r)
                 if pts:
@@ -402,11 +576,12 @@ def _plots(results: Sequence[dict], out: epath.Path) -> list[str]:
             if not rob:
                 continue
             a = rob["attack"]
+            key = "x0_attacked" if rob.get("model") == "cm" else "eps_attacked"
             for i, t in enumerate(a["t"]):
-                ax.plot(a["radius"], a["eps_attacked"][i], marker="o",
-                        label=f"{res['label']} t={t}")
+                ax.plot(a["radius"], a[key][i], marker="o",
+                        label=f"{res['label']} t={t}" + (" (x0)" if key[0] == "x" else ""))
         ax.set_xlabel("attack radius (per-pixel RMS)")
-        ax.set_ylabel("attacked eps MSE")
+        ax.set_ylabel("attacked eps MSE (DPM) / x0 MSE (CM)")
         ax.set_yscale("log")
         ax.legend(fontsize=7)
         fig.tight_layout()

@@ -10,6 +10,7 @@ The experiment is described by a *spec* (``configs/experiments/mnist.py``; a smo
   <root>/gate.json                 quality of the starting checkpoint vs the real-data floor
   <root>/timing.json               seconds per minibatch of clean and fast-AT steps, one process
   <root>/arms/<arm>/seed<s>/       one fine-tuning run per (arm, training seed)
+  <root>/cm/<cm arm>/seed<s>/      one consistency-distillation run per (CM arm, seed), optional
   <root>/eval/<run>/seed<s>/<sampler>_e<k>.json   one evaluation cell (sampler x all NFEs)
   <root>/eval/<run>/seed<s>/<sampler>_e<k>.features.npz   its samples' classifier features
   <root>/report.md, results.json, *.png           the tables and plots
@@ -37,6 +38,16 @@ evaluation cells are reused):
 5. **eval** (after each seed's arms): every sampler of ``spec.eval.samplers`` at every NFE of
    ``spec.eval.nfes``, for every evaluation seed, plus the robustness evaluation. The classifier
    features of each cell's samples are kept beside it (``evaluate_workdir(save_features=True)``).
+4b./5b. **CM arms** (optional, ``spec.cm``; after the DPM arms of each seed in
+   ``spec.cm.seeds``): consistency distillation with the start checkpoint as the teacher
+   (``config.teacher``; the student starts from its EMA params), ``spec.cm.num_minibatches``
+   minibatches of ``spec.cm.config`` + the CM arm's overrides (:func:`cm_arm_config`; every
+   CM arm's config is checked against the pre-training before anything trains,
+   :func:`check_cm_configs`), trained and resumed like the DPM arms; then evaluated with
+   ``cm_onestep`` at NFE 1 and ``cm_multistep`` at the other NFEs of ``spec.cm.nfes`` (the
+   evaluation seeds and sizes of ``spec.eval``), and with the students' robustness evaluation
+   (``spec.cm.robustness``). Specs without a ``cm`` section, or with ``cm.enabled=False``, have
+   no CM stage.
 6. **report**: mean +- std over training seeds (each the mean over evaluation seeds) in the
    paper's layout (rows sampler x arm, columns NFE); the paired per-seed differences of each arm
    against clean, and of AT against equal updates and equal wall-clock
@@ -44,9 +55,11 @@ evaluation cells are reused):
    over the generated samples (``stats.bootstrap_differences``: ``spec.eval.bootstrap``
    resamples of the saved features, 0 = off; cells evaluated before features were saved have
    none); the floor of one cell (:func:`cell_floor`); robustness, plots, wall time
-   (``render.write_report``).
+   (``render.write_report``); and the same for the CM arms against
+   ``spec.cm.baseline``, with the plot of fd_mnist against NFE per CM arm.
 
-Arms are given as nested overrides of the fine-tuning config; unknown keys are errors.
+Arms (DPM and CM) are given as nested overrides of the fine-tuning config; unknown keys are
+errors.
 """
 from __future__ import annotations
 
@@ -66,10 +79,13 @@ import ml_collections
 import numpy as np
 
 from atdiff_jax.eval.report import write_json
-from atdiff_jax.experiment.render import write_report
+from atdiff_jax.experiment.render import cm_nfes, cm_spec, write_report
 from atdiff_jax.experiment.stats import (DEFAULT_BOOTSTRAP, bootstrap_differences, comparisons,
                                          mean_std)
-from atdiff_jax.samplers import EVAL_SAMPLERS
+from atdiff_jax.samplers import CM_SAMPLERS, EVAL_SAMPLERS
+
+# the fields a CM arm may have (spec.cm.arms.<arm>)
+CM_ARM_FIELDS = ("overrides", "seeds")
 
 
 class StudyError(ValueError):
@@ -169,6 +185,96 @@ def validate_spec(spec: ml_collections.ConfigDict) -> None:
             if wc[key] not in order:
                 raise StudyError(f"spec.wallclock.{key}={wc[key]!r} is not an arm of "
                                  f"spec.arm_order {order}")
+    if cm_spec(spec) is not None:
+        _validate_cm(spec)
+
+
+def cm_seeds(spec) -> tuple[int, ...]:
+    """The training seeds of the CM stage: ``spec.cm.seeds``, or ``spec.seeds`` when empty."""
+    return tuple(spec.cm.get("seeds", ())) or tuple(spec.seeds)
+
+
+def cm_arm_seeds(spec, arm: str) -> tuple[int, ...]:
+    """The training seeds of CM arm ``arm`` (its ``seeds``, or every CM seed)."""
+    return tuple(spec.cm.arms[arm].get("seeds", ())) or cm_seeds(spec)
+
+
+def cm_robustness_seeds(spec) -> tuple[int, ...]:
+    """The CM arms' seeds that get the robustness evaluation: ``spec.cm.robustness_seeds``, or
+    when empty those of ``spec.eval.robustness_seeds`` the CM stage trains (none without
+    ``spec.cm.robustness``)."""
+    if not spec.cm.get("robustness", False):
+        return ()
+    return (tuple(spec.cm.get("robustness_seeds", ()))
+            or tuple(s for s in spec.eval.robustness_seeds if s in cm_seeds(spec)))
+
+
+def _is_int(v, least: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= least
+
+
+def _validate_cm(spec) -> None:
+    """The checks of ``spec.cm`` (the consistency-model stage), each naming its field."""
+    cm = spec.cm
+    for key in ("config", "num_minibatches", "arm_order", "arms", "baseline", "samplers", "nfes"):
+        if key not in cm:
+            raise StudyError(f"spec.cm.{key} is missing (or set spec.cm.enabled=False)")
+    order = tuple(cm.arm_order)
+    if not order or len(set(order)) != len(order):
+        raise StudyError(f"spec.cm.arm_order must list distinct arm names, got {order}")
+    missing = [a for a in order if a not in cm.arms]
+    if missing:
+        raise StudyError(f"spec.cm.arm_order names arms without a spec.cm.arms entry: {missing}")
+    taken = [a for a in order if a in tuple(spec.arm_order) or a == "start" or "@" in a]
+    if taken:
+        raise StudyError(f"spec.cm.arm_order: {taken} are names of DPM runs (spec.arm_order, "
+                         "'start', '<arm>@wallclock'); CM arms need names of their own (every "
+                         "run's evaluation cells share <root>/eval/)")
+    for arm in order:
+        extra = sorted(set(cm.arms[arm].keys()) - set(CM_ARM_FIELDS))
+        if extra:
+            raise StudyError(f"spec.cm.arms.{arm}: unknown field(s) {extra}; a CM arm has "
+                             f"{CM_ARM_FIELDS}")
+    if cm.baseline not in order:
+        raise StudyError(f"spec.cm.baseline={cm.baseline!r} is not an arm of spec.cm.arm_order "
+                         f"{order}")
+    seeds = cm_seeds(spec)
+    if any(not isinstance(s, int) for s in seeds) or not set(seeds) <= set(spec.seeds):
+        raise StudyError(f"spec.cm.seeds must be training seeds of spec.seeds {tuple(spec.seeds)} "
+                         f"(a seed's CM arms run after its DPM arms), got {seeds}")
+    for arm in order:
+        bad = [s for s in cm_arm_seeds(spec, arm) if s not in seeds]
+        if bad:
+            raise StudyError(f"spec.cm.arms.{arm}.seeds: {bad} are not seeds of the CM stage "
+                             f"{seeds} (spec.cm.seeds)")
+    if not _is_int(cm.num_minibatches, 1):
+        raise StudyError(f"spec.cm.num_minibatches must be an integer >= 1, got "
+                         f"{cm.num_minibatches!r}")
+    if not _is_int(cm.get("checkpoints", 1), 1):
+        raise StudyError(f"spec.cm.checkpoints must be an integer >= 1, got {cm.checkpoints!r}")
+    samplers = tuple(cm.samplers)
+    if not samplers or len(set(samplers)) != len(samplers) or any(
+            s not in CM_SAMPLERS for s in samplers):
+        raise StudyError(f"spec.cm.samplers must be distinct samplers from {CM_SAMPLERS}, got "
+                         f"{samplers}")
+    nfes = tuple(cm.nfes)
+    if not nfes or len(set(nfes)) != len(nfes) or not all(_is_int(n, 1) for n in nfes):
+        raise StudyError(f"spec.cm.nfes must be distinct integers >= 1, got {nfes}")
+    if "cm_onestep" in samplers and 1 not in nfes:
+        raise StudyError(f"spec.cm.nfes {nfes} lacks 1, the NFE of cm_onestep (one network "
+                         "evaluation)")
+    if "cm_multistep" in samplers and not any(n >= 2 for n in nfes):
+        raise StudyError(f"spec.cm.nfes {nfes} has no NFE >= 2 for cm_multistep")
+    if 1 in nfes and "cm_onestep" not in samplers:
+        raise StudyError(f"spec.cm.nfes: NFE 1 is cm_onestep's, which spec.cm.samplers "
+                         f"{samplers} does not list (cm_multistep makes >= 2 evaluations)")
+    if any(n >= 2 for n in nfes) and "cm_multistep" not in samplers:
+        raise StudyError(f"spec.cm.nfes: NFEs {[n for n in nfes if n >= 2]} are cm_multistep's, "
+                         f"which spec.cm.samplers {samplers} does not list (cm_onestep makes "
+                         "one evaluation)")
+    bad = [s for s in cm_robustness_seeds(spec) if s not in seeds]
+    if bad:
+        raise StudyError(f"spec.cm.robustness_seeds: {bad} are not seeds of the CM stage {seeds}")
 
 
 def pretrain_config(spec, root: pathlib.Path, data_dir: str) -> ml_collections.ConfigDict:
@@ -195,6 +301,62 @@ def arm_config(spec, arm: str, seed: int, root: pathlib.Path, data_dir: str, sta
     config.init.workdir = str(root / "pretrain")
     config.init.step = int(start_step)
     return config
+
+
+def cm_arm_config(spec, arm: str, seed: int, root: pathlib.Path, data_dir: str, start_step: int
+                  ) -> ml_collections.ConfigDict:
+    """The consistency-distillation config of CM arm ``arm`` with training seed ``seed``: its
+    teacher is the pre-training's checkpoint ``start_step`` (its first EMA copy), from which the
+    student starts (``cm.init_from_teacher``)."""
+    cm = spec.cm
+    base = apply_overrides(_load_config(cm.config), cm.get("overrides", {}), "spec.cm.overrides")
+    config = apply_overrides(base, cm.arms[arm].get("overrides", {}),
+                             f"spec.cm.arms.{arm}.overrides")
+    if config.get("cm", {}).get("kind", "none") == "none":
+        raise StudyError(f"spec.cm.config {cm.config!r} (with spec.cm.arms.{arm}.overrides) "
+                         "trains a diffusion model (cm.kind='none'); the CM stage needs a "
+                         "consistency-model config, e.g. configs/experiments/mnist_cd_finetune.py")
+    n = int(cm.num_minibatches)
+    k = int(cm.get("checkpoints", 1))
+    config.train.num_minibatches = n
+    config.train.checkpoint_every = max(1, n // k)
+    config.train.keep_checkpoints = k + 1
+    config.seed = int(spec.finetune.base_seed) + seed
+    config.data.data_dir = data_dir
+    config.teacher.workdir = str(root / "pretrain")
+    config.teacher.step = int(start_step)
+    return config
+
+
+def check_cm_configs(spec, root: pathlib.Path, data_dir: str,
+                     pre: ml_collections.ConfigDict) -> None:
+    """Every CM arm's config is valid and fits the pre-training as its teacher (the network the
+    student copies, see ``train.build.check_teacher_config``): checked before anything trains.
+
+    Raises:
+      StudyError: naming the arm and the option.
+    """
+    from atdiff_jax.train.build import (CHAIN_KEYS, ConfigError, check_teacher_config,
+                                        validate_config)
+    for arm in spec.cm.arm_order:
+        config = cm_arm_config(spec, arm, cm_arm_seeds(spec, arm)[0], root, data_dir, -1)
+        try:
+            validate_config(config)
+            check_teacher_config(config, pre, str(root / "pretrain"))
+        except ConfigError as e:
+            raise StudyError(f"spec.cm.arms.{arm} (spec.cm.config {spec.cm.config!r}): {e}"
+                             ) from None
+        if cm_robustness_seeds(spec) and config.cm.kind == "lcm":
+            raise StudyError(f"spec.cm.robustness: the robustness evaluation of consistency "
+                             f"models covers Karras students (cm.kind 'cd' / 'ct'); "
+                             f"spec.cm.arms.{arm} trains an LCM student")
+        if cm_robustness_seeds(spec):
+            diffs = [f"diffusion.{k}: {config.diffusion[k]!r} here, {pre.diffusion[k]!r} in the "
+                     "pre-training" for k in CHAIN_KEYS if config.diffusion[k] != pre.diffusion[k]]
+            if diffs:
+                raise StudyError(f"spec.cm.config {spec.cm.config!r}: {'; '.join(diffs)} (the "
+                                 "CM robustness attack takes its noise levels from the student's "
+                                 "chain, which must be its teacher's)")
 
 
 def _check_saved_config(workdir: pathlib.Path, config) -> None:
@@ -362,13 +524,27 @@ def _nearest(steps: Sequence[int], target: int) -> int:
     return min(steps, key=lambda s: (abs(s - target), s))
 
 
-def evaluate(spec, root: pathlib.Path, run: Run, data_dir: str) -> list[pathlib.Path]:
-    """All evaluation cells of one run (skipping those on disk); returns their files."""
+def evaluate(spec, root: pathlib.Path, run: Run, data_dir: str, *, cm: bool = False
+             ) -> list[pathlib.Path]:
+    """All evaluation cells of one run (skipping those on disk); returns their files.
+
+    A DPM run: every sampler of ``spec.eval.samplers`` at every NFE of ``spec.eval.nfes``; a CM
+    run (``cm``): every sampler of ``spec.cm.samplers`` at its NFEs of ``spec.cm.nfes``
+    (``render.cm_nfes``). Both with the evaluation seeds and sizes of ``spec.eval``.
+    """
     from atdiff_jax.eval.report import evaluate_workdir
     e = spec.eval
+    if cm:
+        cells = [(s, cm_nfes(spec.cm, s)) for s in spec.cm.samplers]
+        robust = run.seed in cm_robustness_seeds(spec)
+        robust_cell = ("cm_onestep", 1)   # the clean cell written beside the robustness rows
+    else:
+        cells = [(s, tuple(int(n) for n in e.nfes)) for s in e.samplers]
+        robust = e.robustness and (run.seed < 0 or run.seed in tuple(e.robustness_seeds))
+        robust_cell = ("ddim", 10)
     files = []
     base = root / "eval" / run.label / _seed_dir(run.seed)
-    for sampler in e.samplers:
+    for sampler, nfes in cells:
         for k in e.seeds:
             path = base / f"{sampler}_e{k}.json"
             files.append(path)
@@ -377,20 +553,21 @@ def evaluate(spec, root: pathlib.Path, run: Run, data_dir: str) -> list[pathlib.
             logging.info("experiment: evaluating %s seed %d step %d: %s, eval seed %d",
                          run.label, run.seed, run.step, sampler, k)
             evaluate_workdir(run.workdir, metrics=("fd_mnist",), samplers=(sampler,),
-                             nfes=tuple(int(n) for n in e.nfes), num_samples=int(e.num_samples),
+                             nfes=nfes, num_samples=int(e.num_samples),
                              seed=int(k), step=run.step, data_dir=data_dir,
                              batch_size=int(e.batch_size), label=run.label, out_file=path,
                              save_features=True)
-    if e.robustness and (run.seed < 0 or run.seed in tuple(e.robustness_seeds)):
+    if robust:
         path = base / "robustness.json"
         files.append(path)
         if not (path.is_file() and json.loads(path.read_text()).get("step") == run.step):
             logging.info("experiment: robustness of %s seed %d", run.label, run.seed)
-            evaluate_workdir(run.workdir, metrics=("robustness",), samplers=("ddim",),
-                             nfes=(10,), num_samples=2, seed=0, step=run.step,
+            evaluate_workdir(run.workdir, metrics=("robustness",), samplers=robust_cell[:1],
+                             nfes=robust_cell[1:], num_samples=2, seed=0, step=run.step,
                              data_dir=data_dir, batch_size=int(e.batch_size), label=run.label,
                              robustness_t=tuple(e.robustness_t),
                              robustness_radii=tuple(e.robustness_radii),
+                             robustness_pgd_steps=int(e.get("robustness_pgd_steps", 10)),
                              robustness_images=int(e.robustness_images),
                              robustness_sizes=tuple(e.robustness_sizes),
                              robustness_samples=int(e.robustness_samples),
@@ -504,14 +681,17 @@ def _run(spec, root, until: str, stop: _StopFlag) -> pathlib.Path:
         raise StudyError("the experiment root must be a local directory (or a mounted file "
                          f"system), got {os.fspath(root)!r}")
     root = pathlib.Path(root).absolute()
-    root.mkdir(parents=True, exist_ok=True)
+    cm = cm_spec(spec)
     data_dir = spec.data_dir or str(root / "data")
+    pre = pretrain_config(spec, root, data_dir)
+    if cm is not None:
+        check_cm_configs(spec, root, data_dir, pre)   # before hours of DPM training
+    root.mkdir(parents=True, exist_ok=True)
     if check_prepared(data_dir) is not None:
         prepare_mnist(data_dir)
     wall = _load_wall(root)
 
     # 1. pre-training
-    pre = pretrain_config(spec, root, data_dir)
     secs = train_run(pre, root / "pretrain")
     stop.check()
     if secs:
@@ -566,6 +746,20 @@ def _run(spec, root, until: str, stop: _StopFlag) -> pathlib.Path:
                 step = _nearest(_all_steps(workdir), extra["wallclock_target"])
                 extra["wallclock_step"] = step
                 evaluate(spec, root, Run(f"{arm}@wallclock", seed, str(workdir), step), data_dir)
+        # 4b./5b. consistency distillation from the start checkpoint, and its evaluation
+        for arm in (cm.arm_order if cm is not None else ()):
+            if seed not in cm_arm_seeds(spec, arm):
+                continue
+            config = cm_arm_config(spec, arm, seed, root, data_dir, start)
+            workdir = root / "cm" / arm / f"seed{seed}"
+            secs = train_run(config, workdir)
+            if secs:
+                wall[f"{arm}/seed{seed}"] = wall.get(f"{arm}/seed{seed}", 0.0) + secs
+                _save_wall(root, wall)
+            stop.check()
+            evaluate(spec, root, Run(arm, seed, str(workdir), config.train.num_minibatches),
+                     data_dir, cm=True)
+            stop.check()
         _report(spec, root, labels, extra, data_dir)
     return _report(spec, root, labels, extra, data_dir)
 

@@ -59,6 +59,7 @@ def get_config():
               "num_samples": 256, "seeds": (0,), "batch_size": 256,
               "robustness": True, "robustness_seeds": (0,),
               "robustness_t": (50, 200, 500, 800), "robustness_radii": (0.0, 0.02, 0.05, 0.1),
+              "robustness_pgd_steps": 10,
               "robustness_images": 64, "robustness_sizes": (0.0, 0.05, 0.1),
               "robustness_samples": 256, "robustness_nfe": 10,
               "bootstrap": 200}          # resamples of the generated set (0 = off)

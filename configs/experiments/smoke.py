@@ -1,10 +1,12 @@
-"""A smoke version of configs/experiments/mnist.py (the same pipeline in about a minute, tiny
-16x16 models; run by tests/test_study.py): `atdiff experiment --spec=configs/experiments/smoke.py
+"""A smoke version of configs/experiments/mnist.py (the same pipeline with tiny 16x16 models; run
+by tests/test_study.py) plus the consistency-model stage of
+configs/experiments/mnist_at_effect.py: `atdiff experiment --spec=configs/experiments/smoke.py
 --root=/tmp/smoke`."""
 import pathlib
 import runpy
 
 _FULL = runpy.run_path(str(pathlib.Path(__file__).with_name("mnist.py")))
+_EFFECT = runpy.run_path(str(pathlib.Path(__file__).with_name("mnist_at_effect.py")))
 
 
 def get_config():
@@ -39,4 +41,11 @@ def get_config():
     s.eval.robustness_samples = 8
     s.eval.robustness_nfe = 3
     s.eval.bootstrap = 20
+    # The consistency-model stage of mnist_at_effect.py with tiny students (configs/tiny_cm.py,
+    # the tiny DPM's network): every CM arm, 2 minibatches each.
+    s.cm = _EFFECT["get_config"]().cm
+    s.cm.config = "configs/tiny_cm.py"
+    s.cm.overrides = {"train": dict(tiny["train"], ema_rates=(0.5,)), "optim": tiny["optim"]}
+    s.cm.num_minibatches = 2
+    s.cm.checkpoints = 1
     return s
