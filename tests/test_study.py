@@ -372,7 +372,9 @@ def test_full_smoke_experiment_from_the_cli(tmp_path, mnist_data_dir):
     root = tmp_path / "exp"
     cmd = [sys.executable, "-m", "atdiff_jax.cli", "experiment", f"--spec={SMOKE}",
            f"--root={root}", f"--spec.data_dir={mnist_data_dir}"]
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
+    # without the suite's compilation cache: `atdiff experiment` keeps its own in <root>
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    env.update(TF_CPP_MIN_LOG_LEVEL="2", JAX_PLATFORMS="cpu")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     target = root / "arms" / "fast_at" / "seed0" / "config.json"
     while not target.exists() and proc.poll() is None:
@@ -383,6 +385,7 @@ def test_full_smoke_experiment_from_the_cli(tmp_path, mnist_data_dir):
     assert "rerun the same command to resume" in err
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert res.returncode == 0, res.stderr[-3000:]
+    assert any((root / "jax_cache").iterdir())   # the experiment's compilation cache
     results = json.loads((root / "results.json").read_text())
     arms = {"clean", "ddpm_ip", "fast_at", "clean_kx", "pgd_at", "clean_kx@wallclock"}
     # the CM stage: CD clean and CD + fast AT on both seeds, the clean-teacher ablation on seed 0
