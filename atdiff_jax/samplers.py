@@ -66,16 +66,23 @@ def sampler_fn(model, diffusion: GaussianDiffusion, *, sampler: str, steps: int,
     # One compiled sampler per (network, chain, sampler, steps): evaluating many checkpoints of
     # the same network (atdiff eval, atdiff experiment) compiles each sampler once.
     key = (model, _chain_key(diffusion), sampler, int(steps), float(eps_scale), clip_denoised)
-    if key not in _SAMPLER_CACHE:
-        if len(_SAMPLER_CACHE) >= _SAMPLER_CACHE_SIZE:
-            _SAMPLER_CACHE.pop(next(iter(_SAMPLER_CACHE)))
-        _SAMPLER_CACHE[key] = _build_sampler_fn(model, diffusion, sampler=sampler, steps=steps,
-                                                eps_scale=eps_scale, clip_denoised=clip_denoised)
-    return _SAMPLER_CACHE[key]
+    return _cached_sampler(key, lambda: _build_sampler_fn(
+        model, diffusion, sampler=sampler, steps=steps, eps_scale=eps_scale,
+        clip_denoised=clip_denoised))
 
 
 _SAMPLER_CACHE: dict = {}
 _SAMPLER_CACHE_SIZE = 64
+
+
+def _cached_sampler(key, build):
+    """The compiled sampler of ``key`` in ``_SAMPLER_CACHE`` (``build()`` on a miss; the oldest
+    entry goes once the cache holds ``_SAMPLER_CACHE_SIZE``)."""
+    if key not in _SAMPLER_CACHE:
+        if len(_SAMPLER_CACHE) >= _SAMPLER_CACHE_SIZE:
+            _SAMPLER_CACHE.pop(next(iter(_SAMPLER_CACHE)))
+        _SAMPLER_CACHE[key] = build()
+    return _SAMPLER_CACHE[key]
 
 
 def _chain_key(diffusion: GaussianDiffusion) -> tuple:
@@ -137,12 +144,8 @@ def cm_sampler_fn(model, cm, *, sampler: str, steps: int,
     # the experiment evaluates many checkpoints of one network (as sampler_fn).
     key = ("cm", model, cm.kind, cm.denoiser, cm.sample_scales, cm.lcm, w, sampler, nfe,
            _chain_key(diffusion) if cm.kind == "lcm" else None)
-    if key not in _SAMPLER_CACHE:
-        if len(_SAMPLER_CACHE) >= _SAMPLER_CACHE_SIZE:
-            _SAMPLER_CACHE.pop(next(iter(_SAMPLER_CACHE)))
-        _SAMPLER_CACHE[key] = _build_cm_sampler_fn(model, cm, sampler=sampler, nfe=nfe,
-                                                   diffusion=diffusion, w=w)
-    return _SAMPLER_CACHE[key]
+    return _cached_sampler(key, lambda: _build_cm_sampler_fn(model, cm, sampler=sampler, nfe=nfe,
+                                                             diffusion=diffusion, w=w))
 
 
 def _build_cm_sampler_fn(model, cm, *, sampler: str, nfe: int, diffusion, w):

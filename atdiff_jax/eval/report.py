@@ -120,27 +120,61 @@ def _fid_reference(inception_params, config, data_dir: str, stats_dir: str,
                                 dataset=dataset, split=split, num=total)
 
 
+def _spread(x):
+    """``x`` split over this process's devices along the batch (per-example work: the same
+    numbers as on one device), or as it is."""
+    from atdiff_jax.samplers import batch_shardings
+    sh = batch_shardings(x.shape[0])
+    return jax.device_put(x, sh[0]) if sh is not None else x
+
+
+def _test_images(config, data_dir: str, num: int) -> jax.Array:
+    """The first ``num`` test images of the run's dataset, in the model's range, spread."""
+    from atdiff_jax.data.pipeline import load_examples, to_model_range
+    x0 = to_model_range(load_examples(config.data.dataset, data_dir=data_dir, split="test",
+                                      num_examples=num, image_size=config.model.image_size))
+    return _spread(jnp.asarray(x0))
+
+
+def _mnist_scores(imgs: np.ndarray, mnist_ref) -> tuple[dict[str, float], np.ndarray]:
+    """``({fd_mnist, confidence, frac_confident}, features)`` of uint8 samples from one pass of
+    the MNIST classifier (features -> the Fréchet distance to ``mnist_ref``, logits -> the
+    confidence)."""
+    from atdiff_jax.eval.fid import feature_statistics, frechet_distance
+    from atdiff_jax.eval.mnist_fd import classifier_outputs, precision_from_logits
+    logits, feats = classifier_outputs(_at_32(imgs))
+    prec = precision_from_logits(logits)
+    return ({"fd_mnist": frechet_distance(*feature_statistics(feats), *mnist_ref),
+             "confidence": prec["mean_confidence"], "frac_confident": prec["frac_confident"]},
+            feats)
+
+
+def _batched_samples(sample_batch, *, seed: int, num: int, batch_size: int, shape
+                     ) -> np.ndarray:
+    """``num`` uint8 samples, ``batch_size`` at a time: batch ``b`` starts from
+    ``normal(fold_in(fold_in(key(seed), b), 0))`` (the x_T of :func:`samplers.generate`), spread
+    over the devices, and ``sample_batch(x_T, batch_key)`` returns its images in [-1, 1]."""
+    from atdiff_jax.samplers import to_uint8
+    imgs = []
+    for b, start in enumerate(range(0, num, batch_size)):
+        n = min(batch_size, num - start)
+        key = jax.random.fold_in(jax.random.key(seed), b)
+        x_T = jax.random.normal(jax.random.fold_in(key, 0), (batch_size,) + tuple(shape))
+        imgs.append(to_uint8(np.asarray(sample_batch(_spread(x_T), key)))[:n])
+    return np.concatenate(imgs)
+
+
 def _robustness(model, params, experiment, config, data_dir: str, *, seed: int,
                 t_values: Sequence[int], radii: Sequence[float], norm: str, pgd_steps: int,
                 num_images: int, sample_sizes: Sequence[float], num_samples: int, nfe: int,
                 mnist_ref, batch_size: int) -> dict:
-    from atdiff_jax.data.pipeline import load_examples, to_model_range
     from atdiff_jax.eval import robustness
-    from atdiff_jax.eval.mnist_fd import classifier_precision, mnist_feature_distance
-    from atdiff_jax.samplers import batch_shardings, to_uint8
-
-    def spread(x):   # over this process's devices: per-example work, the same numbers
-        sh = batch_shardings(x.shape[0])
-        return jax.device_put(x, sh[0]) if sh is not None else x
-
-    x0 = to_model_range(load_examples(config.data.dataset, data_dir=data_dir, split="test",
-                                      num_examples=num_images,
-                                      image_size=config.model.image_size))
 
     def model_fn(x, t):
         return model.apply({"params": params}, x, t, train=False)
 
-    attack = robustness.denoiser_attack(model_fn, experiment.diffusion, spread(jax.numpy.asarray(x0)),
+    attack = robustness.denoiser_attack(model_fn, experiment.diffusion,
+                                        _test_images(config, data_dir, num_images),
                                         jax.random.key(seed), t_values=t_values, radii=radii,
                                         norm=norm, steps=pgd_steps)
     out = {"attack": {k: np.asarray(v).tolist() for k, v in attack.items()},
@@ -150,21 +184,16 @@ def _robustness(model, params, experiment, config, data_dir: str, *, seed: int,
     chain = experiment.diffusion.respace(f"ddim{nfe}")
     run = jax.jit(lambda x, key, s, kind: robustness.perturbed_ddim_sample(
         model_fn, chain, x, key, kind=kind, size=s), static_argnames="kind")
-    shape = (config.model.image_size, config.model.image_size, config.model.in_channels)
     rows = []
     for kind in ("gaussian", "adversarial"):
         for size in sample_sizes:
-            imgs = []
-            for b, start in enumerate(range(0, num_samples, batch_size)):
-                n = min(batch_size, num_samples - start)
-                key = jax.random.fold_in(jax.random.key(seed), b)
-                x_T = jax.random.normal(jax.random.fold_in(key, 0), (batch_size,) + shape)
-                imgs.append(to_uint8(np.asarray(run(spread(x_T), jax.random.fold_in(key, 3),
-                                                    float(size), kind)))[:n])
-            imgs = np.concatenate(imgs)
-            rows.append({"kind": kind, "size": float(size),
-                         "fd_mnist": mnist_feature_distance(_at_32(imgs), mnist_ref),
-                         "confidence": classifier_precision(_at_32(imgs))["mean_confidence"]})
+            imgs = _batched_samples(
+                lambda x_T, key: run(x_T, jax.random.fold_in(key, 3), float(size), kind),
+                seed=seed, num=num_samples, batch_size=batch_size,
+                shape=experiment.image_shape)
+            scores, _ = _mnist_scores(imgs, mnist_ref)
+            rows.append({"kind": kind, "size": float(size), "fd_mnist": scores["fd_mnist"],
+                         "confidence": scores["confidence"]})
     out["sampling"] = {"sampler": "ddim", "nfe": nfe, "num_samples": num_samples, "rows": rows}
     return out
 
@@ -176,6 +205,8 @@ def features_path(results_file: str | os.PathLike) -> epath.Path:
     (sample ``i`` of every model starts from the same x_T)."""
     p = epath.Path(results_file)
     return p.with_name(p.name.removesuffix(".json") + ".features.npz")
+
+
 def check_run_samplers(experiment, samplers: Sequence[str], nfes: Sequence[int],
                        where: str = "this workdir") -> None:
     """Raises :class:`EvalError` unless ``samplers`` (at every NFE of ``nfes``) are samplers of
@@ -242,24 +273,16 @@ def _cm_robustness(model, params, experiment, config, data_dir: str, *, seed: in
     error), and :data:`CM_ROBUSTNESS_SAMPLING` with every network input perturbed (VP-scale
     sizes, as the DPM's DDIM-10 rows), see :mod:`atdiff_jax.eval.robustness`."""
     from atdiff_jax.consistency.samplers import multistep_sigmas
-    from atdiff_jax.data.pipeline import load_examples, to_model_range
     from atdiff_jax.eval import robustness
-    from atdiff_jax.eval.mnist_fd import classifier_precision, mnist_feature_distance
-    from atdiff_jax.samplers import batch_shardings, multistep_ts, to_uint8
-
-    def spread(x):
-        sh = batch_shardings(x.shape[0])
-        return jax.device_put(x, sh[0]) if sh is not None else x
+    from atdiff_jax.samplers import multistep_ts
 
     cm = experiment.cm
     den = cm.denoiser
     denoise_fn = _cm_denoise_fn(model, den)      # unclamped: the attack needs gradients
     sigmas = robustness.chain_sigmas(experiment.diffusion, t_values, sigma_min=den.sigma_min,
                                      sigma_max=den.sigma_max)
-    x0 = to_model_range(load_examples(config.data.dataset, data_dir=data_dir, split="test",
-                                      num_examples=num_images,
-                                      image_size=config.model.image_size))
-    attack = robustness.consistency_attack(denoise_fn, params, spread(jax.numpy.asarray(x0)),
+    attack = robustness.consistency_attack(denoise_fn, params,
+                                           _test_images(config, data_dir, num_images),
                                            jax.random.key(seed), sigmas=sigmas, radii=radii,
                                            norm=norm, steps=pgd_steps)
     attack["t"] = np.asarray(t_values)
@@ -283,20 +306,15 @@ def _cm_robustness(model, params, experiment, config, data_dir: str, *, seed: in
                       noise_scales=tuple(map(float, scales)), sigma_max=float(den.sigma_max))
         for kind in robustness.PERTURB_KINDS:
             for size in sample_sizes:
-                imgs = []
-                for b, start in enumerate(range(0, num_samples, batch_size)):
-                    n = min(batch_size, num_samples - start)
-                    key = jax.random.fold_in(jax.random.key(seed), b)
-                    z = jax.random.normal(jax.random.fold_in(key, 0),
-                                          (batch_size,) + experiment.image_shape)
-                    x = _perturbed_cm_sample(params, spread(z), jax.random.fold_in(key, 2),
-                                             jax.random.fold_in(key, 3), jnp.float32(size),
-                                             kind=kind, **static)
-                    imgs.append(to_uint8(np.asarray(x))[:n])
-                imgs = np.concatenate(imgs)
+                imgs = _batched_samples(
+                    lambda z, key: _perturbed_cm_sample(
+                        params, z, jax.random.fold_in(key, 2), jax.random.fold_in(key, 3),
+                        jnp.float32(size), kind=kind, **static),
+                    seed=seed, num=num_samples, batch_size=batch_size,
+                    shape=experiment.image_shape)
+                scores, _ = _mnist_scores(imgs, mnist_ref)
                 rows.append({"sampler": sampler, "nfe": nfe, "kind": kind, "size": float(size),
-                             "fd_mnist": mnist_feature_distance(_at_32(imgs), mnist_ref),
-                             "confidence": classifier_precision(_at_32(imgs))["mean_confidence"]})
+                             "fd_mnist": scores["fd_mnist"], "confidence": scores["confidence"]})
     out["sampling"] = {"num_samples": num_samples, "scale": "vp", "rows": rows}
     return out
 
@@ -402,13 +420,8 @@ def evaluate_workdir(workdir: str, *, metrics: Sequence[str] = ("fd_mnist",),
             row = {"sampler": sampler, "nfe": int(nfe), "num_samples": num_samples,
                    "sample_seconds": time.perf_counter() - t0}
             if "fd_mnist" in metrics:
-                from atdiff_jax.eval.fid import feature_statistics, frechet_distance
-                from atdiff_jax.eval.mnist_fd import classifier_outputs, precision_from_logits
-                logits, feats = classifier_outputs(_at_32(imgs))
-                row["fd_mnist"] = frechet_distance(*feature_statistics(feats), *mnist_ref)
-                prec = precision_from_logits(logits)
-                row["confidence"] = prec["mean_confidence"]
-                row["frac_confident"] = prec["frac_confident"]
+                scores, feats = _mnist_scores(imgs, mnist_ref)
+                row.update(scores)
                 if save_features:
                     features[f"{sampler}_{int(nfe)}"] = np.asarray(feats, np.float32)
             if "fid" in metrics:

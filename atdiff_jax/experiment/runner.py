@@ -732,16 +732,9 @@ def _run(spec, root, until: str, stop: _StopFlag) -> pathlib.Path:
         for arm in spec.arm_order:
             if seed not in tuple(spec.arms[arm].get("seeds", spec.seeds)):
                 continue
-            config = arm_config(spec, arm, seed, root, data_dir, start)
-            workdir = root / "arms" / arm / f"seed{seed}"
-            secs = train_run(config, workdir)
-            if secs:
-                wall[f"{arm}/seed{seed}"] = wall.get(f"{arm}/seed{seed}", 0.0) + secs
-                _save_wall(root, wall)
-            stop.check()
-            evaluate(spec, root, Run(arm, seed, str(workdir), config.train.num_minibatches),
-                     data_dir)
-            stop.check()
+            workdir = _train_and_evaluate(
+                spec, root, arm_config(spec, arm, seed, root, data_dir, start),
+                root / "arms" / arm / f"seed{seed}", arm, seed, data_dir, wall, stop)
             if spec.wallclock.enabled and arm == spec.wallclock.reference:
                 step = _nearest(_all_steps(workdir), extra["wallclock_target"])
                 extra["wallclock_step"] = step
@@ -750,18 +743,27 @@ def _run(spec, root, until: str, stop: _StopFlag) -> pathlib.Path:
         for arm in (cm.arm_order if cm is not None else ()):
             if seed not in cm_arm_seeds(spec, arm):
                 continue
-            config = cm_arm_config(spec, arm, seed, root, data_dir, start)
-            workdir = root / "cm" / arm / f"seed{seed}"
-            secs = train_run(config, workdir)
-            if secs:
-                wall[f"{arm}/seed{seed}"] = wall.get(f"{arm}/seed{seed}", 0.0) + secs
-                _save_wall(root, wall)
-            stop.check()
-            evaluate(spec, root, Run(arm, seed, str(workdir), config.train.num_minibatches),
-                     data_dir, cm=True)
-            stop.check()
+            _train_and_evaluate(spec, root, cm_arm_config(spec, arm, seed, root, data_dir, start),
+                                root / "cm" / arm / f"seed{seed}", arm, seed, data_dir, wall,
+                                stop, cm=True)
         _report(spec, root, labels, extra, data_dir)
     return _report(spec, root, labels, extra, data_dir)
+
+
+def _train_and_evaluate(spec, root: pathlib.Path, config, workdir: pathlib.Path, arm: str,
+                        seed: int, data_dir: str, wall: dict, stop, *, cm: bool = False
+                        ) -> pathlib.Path:
+    """Trains (resumes, or skips) one arm's run of ``seed`` in ``workdir``, adds its seconds to
+    ``wall`` (saved), then evaluates its last checkpoint; ``stop`` is checked after each."""
+    secs = train_run(config, workdir)
+    if secs:
+        wall[f"{arm}/seed{seed}"] = wall.get(f"{arm}/seed{seed}", 0.0) + secs
+        _save_wall(root, wall)
+    stop.check()
+    evaluate(spec, root, Run(arm, seed, str(workdir), config.train.num_minibatches), data_dir,
+             cm=cm)
+    stop.check()
+    return workdir
 
 
 def _report(spec, root: pathlib.Path, labels: list[str], extra: dict, data_dir: str

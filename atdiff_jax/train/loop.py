@@ -266,6 +266,16 @@ def _write_grid(config, experiment, state, mesh, workdir, step, writer):
         writer.write_images(step, {"ema_samples": tile[None]})
 
 
+def _train_iterator(config, data_dir: str, *, worker_count: int):
+    """This process's iterator over the run's training minibatches (raises DataError)."""
+    return create_train_iterator(
+        dataset=config.data.dataset, data_dir=data_dir, split=config.data.split,
+        global_batch_size=config.train.global_batch_size, seed=config.seed,
+        process_index=jax.process_index(), process_count=jax.process_count(),
+        random_flip=config.data.random_flip, class_cond=config.model.class_cond,
+        image_size=config.model.image_size, worker_count=worker_count)
+
+
 def _sharded_train_step(config, experiment: Experiment, optimizer, mesh, shardings, teacher):
     """``train_step(state, batch, steps_done) -> (state, metrics)``: the loop's jitted step (state
     donated) on ``mesh``."""
@@ -305,12 +315,7 @@ def loop_train_step(config: ml_collections.ConfigDict):
     mesh = sharding.create_mesh(config.mesh.fsdp)
     shardings = sharding.state_shardings(_abstract_state(experiment, optimizer), mesh)
     try:
-        iterator = create_train_iterator(
-            dataset=config.data.dataset, data_dir=config.data.data_dir, split=config.data.split,
-            global_batch_size=config.train.global_batch_size, seed=config.seed,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-            random_flip=config.data.random_flip, class_cond=config.model.class_cond,
-            image_size=config.model.image_size, worker_count=0)
+        iterator = _train_iterator(config, config.data.data_dir, worker_count=0)
         batch = sharding.global_batch(next(iterator), mesh)
     except DataError as e:
         raise ConfigError(f"config.data: {e}") from None
@@ -341,12 +346,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     teacher = load_teacher(config)   # CM runs: checked before anything is written
 
     try:
-        iterator = create_train_iterator(
-            dataset=config.data.dataset, data_dir=data_dir, split=config.data.split,
-            global_batch_size=config.train.global_batch_size, seed=config.seed,
-            process_index=jax.process_index(), process_count=jax.process_count(),
-            random_flip=config.data.random_flip, class_cond=config.model.class_cond,
-            image_size=config.model.image_size, worker_count=config.data.worker_count)
+        iterator = _train_iterator(config, data_dir, worker_count=config.data.worker_count)
     except DataError as e:
         raise ConfigError(f"config.data: {e}") from None
     check_data_fits_model(config, iterator.meta)
